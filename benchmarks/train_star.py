@@ -1,0 +1,114 @@
+"""Train a method on a star-graph preset on CPU within a time budget, then report test metrics.
+
+Resumable: re-running with the same ``--out`` continues from ``<out>/checkpoints/last.ckpt``.
+Writes ``<out>/curve.csv`` (step, wall seconds, train loss, val metrics) and ``<out>/result.json``.
+
+Example (the run recorded in docs/results.md)::
+
+    python benchmarks/train_star.py --preset easy --minutes 30 --out benchmarks/out/easy_flexmdm
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import time
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from insertion_diffusion.data.star import StarGraphDataModule
+from insertion_diffusion.models import FlexMDM
+from insertion_diffusion.nn.transformer import TransformerConfig
+from insertion_diffusion.sampling.tau_leaping import SamplerConfig
+
+METHODS = {"flexmdm": FlexMDM}
+
+
+class CurveWriter(Callback):
+    """Append (step, seconds, train loss, validation metrics) rows to a CSV after each validation."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.t0 = time.time()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.global_rank != 0:
+            return
+        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        row = {"step": trainer.global_step, "seconds": round(time.time() - self.t0, 1),
+               "train_loss": m.get("train/loss", float("nan")), "val_loss": m.get("val/loss", float("nan")),
+               "val_exact_match": m.get("val/exact_match", float("nan")),
+               "val_token_accuracy": m.get("val/token_accuracy", float("nan"))}
+        new = not os.path.exists(self.path)
+        with open(self.path, "a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="easy")
+    ap.add_argument("--method", default="flexmdm", choices=sorted(METHODS))
+    ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("--out", default="benchmarks/out/star")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=500)
+    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--val-every", type=int, default=1000)
+    ap.add_argument("--val-steps", type=int, default=64, help="sampler steps during validation")
+    ap.add_argument("--test-steps", type=int, default=128, help="sampler steps at test")
+    ap.add_argument("--confidence", default="top_prob")
+    ap.add_argument("--num-test", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    L.seed_everything(args.seed, workers=True)
+    os.makedirs(args.out, exist_ok=True)
+    dm = StarGraphDataModule(preset=args.preset, data_dir=os.path.join(args.out, "..", "data"),
+                             num_test=args.num_test, batch_size=args.batch_size, eval_batch_size=256)
+    backbone = TransformerConfig(num_layers=args.layers, d_model=args.width, num_heads=args.heads,
+                                 d_cond=min(128, args.width), dropout=args.dropout)
+    model = METHODS[args.method](
+        dm.tokenizer, dm.max_length, backbone=backbone, lr=args.lr, warmup_steps=args.warmup,
+        sampler=SamplerConfig(steps=args.val_steps, top_k=1, confidence=args.confidence),
+    )
+    ckpt_dir = os.path.join(args.out, "checkpoints")
+    last = os.path.join(ckpt_dir, "last.ckpt")
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_time={"minutes": args.minutes}, max_steps=-1, max_epochs=-1,
+        val_check_interval=args.val_every, check_val_every_n_epoch=None, limit_val_batches=1,
+        gradient_clip_val=1.0, log_every_n_steps=50, enable_progress_bar=False,
+        logger=TensorBoardLogger(args.out, name="tb"),
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=args.val_every),
+                   CurveWriter(os.path.join(args.out, "curve.csv"))],
+    )
+    t0 = time.time()
+    trainer.fit(model, datamodule=dm, ckpt_path=last if os.path.exists(last) else None)
+    train_s = time.time() - t0
+    trainer.save_checkpoint(last)
+
+    model.sampler_cfg = SamplerConfig(steps=args.test_steps, top_k=1, confidence=args.confidence)
+    t1 = time.time()
+    res = trainer.test(model, datamodule=dm, verbose=False)[0]
+    result = {"args": vars(args), "global_step": trainer.global_step, "train_seconds_this_run": round(train_s, 1),
+              "test_seconds": round(time.time() - t1, 1), **{k: float(v) for k, v in res.items()}}
+    with open(os.path.join(args.out, "result.json"), "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

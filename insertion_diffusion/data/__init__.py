@@ -1,0 +1,6 @@
+"""DataModules: the shared :class:`SequenceDataModule` base and the task DataModules built on it."""
+
+from insertion_diffusion.data.base import SequenceDataModule, encode_rows, split_rows
+from insertion_diffusion.data.star import StarGraphDataModule
+
+__all__ = ["SequenceDataModule", "StarGraphDataModule", "encode_rows", "split_rows"]

@@ -1,0 +1,161 @@
+"""FlexMDM: variable-length masked diffusion by inserting and filling masks, with uniform order.
+
+Every position shares the same insertion and unmasking schedules (``linear`` by default). The
+generator predicts token logits and, per gap, the expected number of missing tokens ``g_j``; the
+insertion rate is ``g_j * lambda_in(t)``. See :mod:`insertion_diffusion.losses` for the loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from insertion_diffusion.losses import rate_matching_terms
+from insertion_diffusion.models.base import GenerativeModule, compact_fixed
+from insertion_diffusion.nn.transformer import AdaLNHead, ScalarHead, Transformer, TransformerConfig
+from insertion_diffusion.process.insertion import partial_state, sample_event_times, stratified_times
+from insertion_diffusion.sampling.tau_leaping import SamplerConfig, tau_leaping
+from insertion_diffusion.schedules import make_schedule
+from insertion_diffusion.tokenizers import Tokenizer
+
+INSERTION_HEADS = ("expectation", "distribution")
+
+
+class FlexMDM(GenerativeModule):
+    """FlexMDM with uniform (shared) insertion and unmasking schedules.
+
+    Args:
+        tokenizer: linked from the DataModule.
+        max_length: linked from the DataModule.
+        backbone: transformer size.
+        insertion_schedule: CDF of insertion times: "linear", "cosine" or "poly:<p>".
+        unmasking_schedule: CDF of unmasking times (truncated after insertion), same choices.
+        insertion_head: "expectation" (predict the expected gap length; Bregman loss) or "distribution"
+            (logits over gap lengths 0..max_length; cross-entropy, the rate uses its mean).
+        time_eps: training times are stratified over ``[time_eps, 1 - time_eps]``.
+        sampler: settings of the tau-leaping sampler used for evaluation and prediction.
+        **kwargs: optimiser and evaluation settings of :class:`GenerativeModule`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer | dict,
+        max_length: int,
+        backbone: TransformerConfig | None = None,
+        insertion_schedule: str = "linear",
+        unmasking_schedule: str = "linear",
+        insertion_head: str = "expectation",
+        time_eps: float = 1e-3,
+        sampler: SamplerConfig | None = None,
+        lr: float = 3e-4,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.98),
+        warmup_steps: int = 200,
+        lr_schedule: str = "constant",
+        min_lr_ratio: float = 0.1,
+        eval_seed: int = 0,
+        num_logged_samples: int = 8,
+    ) -> None:
+        super().__init__(
+            tokenizer, max_length, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+            lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio, eval_seed=eval_seed,
+            num_logged_samples=num_logged_samples,
+        )
+        if insertion_head not in INSERTION_HEADS:
+            raise ValueError(f"model.insertion_head={insertion_head!r}; allowed values: {', '.join(INSERTION_HEADS)}")
+        if not 0.0 <= time_eps < 0.5:
+            raise ValueError(f"model.time_eps must be in [0, 0.5), got {time_eps}")
+        self.backbone_cfg = backbone or TransformerConfig()
+        self.sampler_cfg = sampler or SamplerConfig()
+        self.insertion = make_schedule(insertion_schedule, "model.insertion_schedule")
+        self.unmasking = make_schedule(unmasking_schedule, "model.unmasking_schedule")
+        self.insertion_head = insertion_head
+        self.time_eps = time_eps
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.save_tokenizer_hparam()
+
+        V, cfg = self.tokenizer.vocab_size, self.backbone_cfg
+        self.net = Transformer(V, cfg)
+        cond = cfg.d_cond if cfg.time_conditioning else None
+        self.token_head = AdaLNHead(cfg.d_model, cond, V)
+        if insertion_head == "expectation":
+            # softplus(-2) ~ 0.13: start by predicting short gaps, not zero (the loss is log-barrier at 0).
+            self.gap_head = ScalarHead(cfg.d_model, cond, bias_init=-2.0)
+        else:
+            self.gap_head = AdaLNHead(cfg.d_model, cond, self.max_length + 1)
+
+    # --- network --------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, t: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Run the generator.
+
+        Args:
+            x: (B, W) tokens of ``x_t``; t: (B,) times; valid: (B, W) bool.
+
+        Returns:
+            ``(logits, gap)``: token logits (B, W, V) and gap predictions, either expected lengths (B, W)
+            (expectation head) or logits over lengths (B, W, max_length + 1) (distribution head).
+        """
+        h, cond = self.net(x, t, valid)
+        logits = self.token_head(h, cond)
+        if self.insertion_head == "expectation":
+            return logits, F.softplus(self.gap_head(h, cond))
+        return logits, self.gap_head(h, cond).float()
+
+    def expected_gap(self, gap_out: Tensor) -> Tensor:
+        """Expected gap length (B, W) from the gap head's output."""
+        if self.insertion_head == "expectation":
+            return gap_out
+        k = torch.arange(gap_out.shape[-1], device=gap_out.device, dtype=gap_out.dtype)
+        return (gap_out.softmax(-1) * k).sum(-1)
+
+    # --- training -------------------------------------------------------------------------------------
+    def compute_loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        z1, fixed, attn = batch["input_ids"], batch["fixed"], batch["attention_mask"]
+        B, L = z1.shape
+        t = stratified_times(B, self.time_eps, z1.device, generator)
+        t_in, t_um = sample_event_times(z1.shape, self.insertion, self.unmasking, z1.device, generator)
+        st = partial_state(z1, fixed, attn, t, t_in, t_um, self.tokenizer.mask_id, self.tokenizer.pad_id)
+        logits, gap_out = self(st.x, t, st.valid)
+        lam_in = self.insertion.hazard(t)[:, None]
+        lam_um = self.unmasking.hazard(t)[:, None]
+        allowed = st.valid & (~st.fixed | (st.x == self.tokenizer.eos_id))
+        if self.insertion_head == "expectation":
+            terms = rate_matching_terms(logits, st.target, st.is_mask, lam_um, st.gap * lam_in, gap_out * lam_in, allowed)
+            insert = terms.insert
+        else:
+            terms = rate_matching_terms(logits, st.target, st.is_mask, lam_um, st.gap, st.gap, allowed)
+            ce = F.cross_entropy(gap_out.flatten(0, 1), st.gap.long().clamp_max(self.max_length).flatten(), reduction="none")
+            insert = (lam_in * ce.view(B, -1) * allowed).sum()
+        norm = B * L
+        loss = (terms.unmask + insert) / norm
+        logs = {
+            "loss_unmask": terms.unmask.detach() / norm,
+            "loss_insert": insert.detach() / norm,
+            "masked_token_acc": terms.correct / terms.num_masked.clamp_min(1),
+        }
+        return loss, logs
+
+    # --- sampling -------------------------------------------------------------------------------------
+    def rates(self, x: Tensor, t: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The sampler's view: (logits, insertion rate per gap, unmasking rate per position)."""
+        logits, gap_out = self(x, t, valid)
+        insert_rate = self.expected_gap(gap_out) * self.insertion.hazard(t)[:, None]
+        unmask_rate = self.unmasking.hazard(t)[:, None].expand_as(insert_rate)
+        return logits, insert_rate, unmask_rate
+
+    def sample(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        tok = self.tokenizer
+        x0, fixed0, len0 = compact_fixed(batch["input_ids"], batch["fixed"], batch["attention_mask"], tok.pad_id)
+        out = tau_leaping(
+            self.rates, x0, fixed0, len0, self.sampler_cfg, max_length=self.max_length,
+            mask_id=tok.mask_id, pad_id=tok.pad_id, eos_id=tok.eos_id,
+            banned_ids=(tok.pad_id, tok.mask_id, tok.bos_id, tok.eos_id), generator=generator,
+        )
+        return out.x, out.fixed
+
+    def sampler_settings(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.sampler_cfg)

@@ -1,0 +1,234 @@
+"""A time-conditioned transformer (DiT-style AdaLN blocks, rotary positions, PyTorch SDPA attention).
+
+The same blocks serve every method: bidirectional with a key-padding mask for the diffusion and
+insertion models, causal (``causal=True``) for autoregressive ones.
+
+Shapes: ``B`` batch, ``W`` sequence width, ``d`` model width, ``c`` conditioning width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class TransformerConfig:
+    """Size of a transformer backbone.
+
+    Attributes:
+        num_layers: number of blocks.
+        d_model: hidden width.
+        num_heads: attention heads (``d_model`` must be divisible by it).
+        d_ff: feed-forward width (default ``4 * d_model``).
+        d_cond: width of the time conditioning vector.
+        dropout: dropout inside attention and feed-forward outputs.
+        rotary_dim: how many dims per head get rotary embeddings (default: all).
+        time_conditioning: whether blocks are modulated by ``t`` (AdaLN); False gives plain LayerNorm.
+    """
+
+    num_layers: int = 4
+    d_model: int = 256
+    num_heads: int = 4
+    d_ff: int | None = None
+    d_cond: int = 128
+    dropout: float = 0.1
+    rotary_dim: int | None = None
+    time_conditioning: bool = True
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}"
+            )
+        for key in ("num_layers", "d_model", "num_heads", "d_cond"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal features of ``t in [0, 1]`` followed by an MLP: (B,) -> (B, c)."""
+
+    def __init__(self, d_cond: int, num_freqs: int = 128) -> None:
+        super().__init__()
+        self.num_freqs = num_freqs
+        freqs = torch.exp(-math.log(10_000.0) * torch.arange(num_freqs) / num_freqs)
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * num_freqs, d_cond), nn.SiLU(), nn.Linear(d_cond, d_cond))
+
+    def forward(self, t: Tensor) -> Tensor:
+        # Scale to [0, 1000] so low frequencies still resolve small differences in t.
+        angles = (1000.0 * t.float())[:, None] * self.freqs[None, :]
+        return self.mlp(torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1))
+
+
+def rotary_tables(width: int, rotary_dim: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin tables for positions ``0..width-1``: each (W, rotary_dim / 2)."""
+    inv = 1.0 / (10_000.0 ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim))
+    ang = torch.arange(width, device=device, dtype=torch.float32)[:, None] * inv[None, :]
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first ``2 * cos.shape[-1]`` dims of ``x`` (B, H, W, Dh) in adjacent halves."""
+    r = cos.shape[-1]
+    x1, x2, rest = x[..., :r], x[..., r : 2 * r], x[..., 2 * r :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """AdaLN: ``x * (1 + scale) + shift`` with per-row (B, d) shift and scale."""
+    return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with AdaLN-Zero modulation from the conditioning vector."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        d, h = cfg.d_model, cfg.num_heads
+        self.num_heads = h
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=not cfg.time_conditioning)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=not cfg.time_conditioning)
+        d_ff = cfg.d_ff or 4 * d
+        self.ff = nn.Sequential(nn.Linear(d, d_ff), nn.GELU(approximate="tanh"), nn.Linear(d_ff, d))
+        self.dropout = cfg.dropout
+        self.drop = nn.Dropout(cfg.dropout)
+        self.ada = None
+        if cfg.time_conditioning:
+            self.ada = nn.Linear(cfg.d_cond, 6 * d)
+            # Zero-init: every block starts as the identity (AdaLN-Zero).
+            nn.init.zeros_(self.ada.weight)
+            nn.init.zeros_(self.ada.bias)
+
+    def forward(
+        self, x: Tensor, cond: Tensor | None, rot: tuple[Tensor, Tensor], attn_mask: Tensor | None, causal: bool
+    ) -> Tensor:
+        B, W, d = x.shape
+        if self.ada is not None and cond is not None:
+            sh1, sc1, g1, sh2, sc2, g2 = self.ada(cond).chunk(6, dim=-1)
+            h = modulate(self.norm1(x), sh1, sc1)
+        else:
+            h = self.norm1(x)
+            g1 = g2 = None
+        q, k, v = self.qkv(h).view(B, W, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        cos, sin = rot
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal and attn_mask is None,
+        )
+        a = self.drop(self.proj(a.transpose(1, 2).reshape(B, W, d)))
+        x = x + (a if g1 is None else g1[:, None, :] * a)
+        h = self.norm2(x) if g2 is None else modulate(self.norm2(x), sh2, sc2)
+        f = self.drop(self.ff(h))
+        return x + (f if g2 is None else g2[:, None, :] * f)
+
+
+class Transformer(nn.Module):
+    """Token embedding + blocks + final norm; returns hidden states and the conditioning vector.
+
+    Args:
+        vocab_size: number of token ids.
+        cfg: the backbone size.
+        causal: causal attention (autoregressive) instead of bidirectional.
+    """
+
+    def __init__(self, vocab_size: int, cfg: TransformerConfig, causal: bool = False) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.causal = causal
+        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.time = TimestepEmbedding(cfg.d_cond) if cfg.time_conditioning else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        head_dim = cfg.d_model // cfg.num_heads
+        rd = cfg.rotary_dim or head_dim
+        if rd % 2 or rd > head_dim:
+            raise ValueError(f"rotary_dim={rd} must be even and <= head dim {head_dim}")
+        self.rotary_dim = rd
+
+    def forward(self, x: Tensor, t: Tensor | None, valid: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Encode tokens.
+
+        Args:
+            x: (B, W) long token ids.
+            t: (B,) float times in [0, 1] (ignored without time conditioning).
+            valid: (B, W) bool key-padding mask (True = real token), or None for no padding.
+
+        Returns:
+            ``(h, cond)``: hidden states (B, W, d) and the conditioning vector (B, c) or None.
+        """
+        h = self.embed(x)
+        cond = self.time(t) if self.time is not None and t is not None else None
+        rot = rotary_tables(x.shape[1], self.rotary_dim, x.device, h.dtype)
+        attn_mask = None
+        if valid is not None:
+            attn_mask = valid[:, None, None, :]
+            if self.causal:
+                W = x.shape[1]
+                attn_mask = attn_mask & torch.ones(W, W, dtype=torch.bool, device=x.device).tril()[None, None]
+        for block in self.blocks:
+            h = block(h, cond, rot, attn_mask, self.causal)
+        return h, cond
+
+
+class AdaLNHead(nn.Module):
+    """Final AdaLN + linear projection to ``out_dim`` per position (the token / LM head).
+
+    Zero-initialised so that initial predictions are uniform.
+    """
+
+    def __init__(self, d_model: int, d_cond: int | None, out_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model, elementwise_affine=d_cond is None)
+        self.ada = nn.Linear(d_cond, 2 * d_model) if d_cond else None
+        if self.ada is not None:
+            nn.init.zeros_(self.ada.weight)
+            nn.init.zeros_(self.ada.bias)
+        self.out = nn.Linear(d_model, out_dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, h: Tensor, cond: Tensor | None) -> Tensor:
+        h = self.norm(h)
+        if self.ada is not None and cond is not None:
+            shift, scale = self.ada(cond).chunk(2, dim=-1)
+            h = modulate(h, shift, scale)
+        return self.out(h)
+
+
+class ScalarHead(nn.Module):
+    """AdaLN(norm(h)) -> Linear -> GELU -> Linear(1): a raw per-position scalar (B, W), computed in fp32.
+
+    Args:
+        d_model, d_cond: widths.
+        bias_init: initial output bias (sets the initial rate after the caller's squashing function).
+    """
+
+    def __init__(self, d_model: int, d_cond: int | None, bias_init: float = 0.0) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model, elementwise_affine=d_cond is None)
+        self.ada = nn.Linear(d_cond, 2 * d_model) if d_cond else None
+        if self.ada is not None:
+            nn.init.zeros_(self.ada.weight)
+            nn.init.zeros_(self.ada.bias)
+        self.mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(approximate="tanh"), nn.Linear(d_model, 1))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.constant_(self.mlp[2].bias, bias_init)
+
+    def forward(self, h: Tensor, cond: Tensor | None) -> Tensor:
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            h = self.norm(h.float())
+            if self.ada is not None and cond is not None:
+                shift, scale = self.ada(cond.float()).chunk(2, dim=-1)
+                h = modulate(h, shift, scale)
+            return self.mlp(h).squeeze(-1)

@@ -1,0 +1,1 @@
+"""Forward (noising) processes (pure torch)."""

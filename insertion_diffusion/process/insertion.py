@@ -1,0 +1,164 @@
+"""The variable-length insertion + masking interpolant (FlexMDM forward process), vectorised.
+
+Every non-fixed real position ``i`` of a clean row ``z1`` carries two event times, an insertion time
+``T_in[i]`` and an unmasking time ``T_um[i] > T_in[i]``. At time ``t`` the position is
+
+* deleted (not yet inserted) if ``t < T_in[i]``,
+* ``[MASK]`` if ``T_in[i] <= t < T_um[i]``,
+* clean (``z1[i]``) otherwise.
+
+Fixed positions (prompt, BOS, EOS) are always clean. Deleting the deleted positions (a stable
+compaction) gives the variable-length partial sequence ``x_t`` the generator sees. Each token ``j`` of
+``x_t`` owns the gap to its left; since EOS is never deleted, every deleted position belongs to exactly
+one gap and there is no trailing gap.
+
+Shapes: ``B`` rows, ``L`` padded clean length, ``W <= L`` width of the compacted batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from insertion_diffusion.schedules import Schedule
+
+DELETED, MASKED, CLEAN = 0, 1, 2
+
+
+@dataclass
+class PartialState:
+    """A batch of compacted partial sequences ``x_t`` and what the losses need to know about them.
+
+    Attributes:
+        x: (B, W) long, tokens of ``x_t`` (``[MASK]`` where masked), PAD beyond each row's length.
+        valid: (B, W) bool, True for the ``lengths[b]`` real positions of each row.
+        fixed: (B, W) bool, positions that are prompt/BOS/EOS (never noised).
+        is_mask: (B, W) bool, masked positions.
+        target: (B, W) long, the clean token ``z1[src]`` at each position (PAD beyond length).
+        src: (B, W) long, index into ``z1`` of each position (0 beyond length; use ``valid``).
+        gap: (B, W) float, number of deleted positions in the gap left of each position.
+        lengths: (B,) long, ``|x_t|``.
+        state: (B, L) long, DELETED / MASKED / CLEAN for every position of ``z1`` (pads and fixed: CLEAN).
+    """
+
+    x: Tensor
+    valid: Tensor
+    fixed: Tensor
+    is_mask: Tensor
+    target: Tensor
+    src: Tensor
+    gap: Tensor
+    lengths: Tensor
+    state: Tensor
+
+    def gap_sums(self, values: Tensor) -> Tensor:
+        """Sum per-position ``values`` (B, L) over the deleted positions of each gap -> (B, W).
+
+        This is how the insertion target rate of a gap is formed from per-token hazards: all deleted
+        positions of a gap lead to the same next state, so their rates add. O(L) with a cumsum.
+        """
+        return gap_sums(values, self.state == DELETED, self.src, self.valid)
+
+
+def gap_sums(values: Tensor, deleted: Tensor, src: Tensor, valid: Tensor) -> Tensor:
+    """Per-gap sums of ``values`` over deleted positions.
+
+    Args:
+        values: (B, L) per-position values (e.g. insertion hazards).
+        deleted: (B, L) bool, deleted positions.
+        src: (B, W) long, source index of each compacted position.
+        valid: (B, W) bool.
+
+    Returns:
+        (B, W): for each position ``j``, the sum of ``values`` over deleted ``i`` with
+        ``src[j-1] < i < src[j]`` (``src[-1] = -1``); zero where not valid.
+    """
+    csum = torch.cumsum(values * deleted.to(values.dtype), dim=1)  # inclusive
+    # src[j] is kept, so the inclusive cumsum at src[j] counts deleted positions strictly before it.
+    at = torch.gather(csum, 1, src)
+    prev = torch.nn.functional.pad(at[:, :-1], (1, 0))
+    return torch.where(valid, at - prev, torch.zeros_like(at))
+
+
+def sample_event_times(
+    shape: torch.Size | tuple[int, ...],
+    insertion: Schedule,
+    unmasking: Schedule,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Draw ``(T_in, T_um)`` of the given shape: ``T_in ~ F_in``, ``T_um ~ F_um`` truncated to ``(T_in, 1]``."""
+    u = torch.rand(shape, device=device, generator=generator)
+    v = torch.rand(shape, device=device, generator=generator)
+    t_in = insertion.sample(u)
+    t_um = unmasking.sample_after(t_in, v)
+    return t_in, t_um
+
+
+def stratified_times(
+    batch_size: int, eps: float, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+) -> Tensor:
+    """Stratified times ``t_b = eps + (b + u) (1 - 2 eps) / B`` (one shared ``u``), shuffled: (B,).
+
+    Lower-variance than i.i.d. uniforms; every batch covers the whole of ``[eps, 1 - eps]``.
+    """
+    u = torch.rand((), device=device, generator=generator)
+    t = eps + (torch.arange(batch_size, device=device) + u) * (1.0 - 2.0 * eps) / batch_size
+    return t[torch.randperm(batch_size, device=device, generator=generator)]
+
+
+def partial_state(
+    z1: Tensor,
+    fixed: Tensor,
+    attention_mask: Tensor,
+    t: Tensor,
+    t_in: Tensor,
+    t_um: Tensor,
+    mask_id: int,
+    pad_id: int,
+    trim: bool = True,
+) -> PartialState:
+    """Noise clean rows to time ``t`` and compact them to ``x_t``.
+
+    Args:
+        z1: (B, L) long clean tokens.
+        fixed: (B, L) bool, positions never noised (prompt, BOS, EOS).
+        attention_mask: (B, L) bool, real tokens (False for PAD).
+        t: (B,) float times.
+        t_in: (B, L) insertion times; t_um: (B, L) unmasking times (``>= t_in``).
+        mask_id, pad_id: special token ids.
+        trim: drop columns that are padding in every row (saves compute; width becomes max length).
+
+    Returns:
+        The :class:`PartialState`.
+    """
+    noisy = attention_mask & ~fixed
+    tt = t[:, None]
+    state = torch.full_like(z1, CLEAN)
+    state = torch.where(noisy & (tt < t_um), torch.full_like(z1, MASKED), state)
+    state = torch.where(noisy & (tt < t_in), torch.full_like(z1, DELETED), state)
+    keep = attention_mask & (state != DELETED)
+
+    # Stable compaction: kept positions first, in their original order.
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    lengths = keep.sum(1)
+    width = z1.shape[1]
+    if trim:
+        # One host sync per training step; it shortens every layer's work to the real width.
+        width = int(lengths.max())
+        order = order[:, :width]
+    valid = torch.arange(width, device=z1.device)[None, :] < lengths[:, None]
+    src = torch.where(valid, order, torch.zeros_like(order))
+    target = torch.where(valid, torch.gather(z1, 1, src), torch.full_like(src, pad_id))
+    kept_state = torch.gather(state, 1, src)
+    is_mask = valid & (kept_state == MASKED)
+    x = torch.where(is_mask, torch.full_like(target, mask_id), target)
+    fixed_x = valid & torch.gather(fixed, 1, src)
+    deleted = state == DELETED
+    gap = gap_sums(torch.ones_like(t_in), deleted, src, valid)
+    return PartialState(
+        x=x, valid=valid, fixed=fixed_x, is_mask=is_mask, target=target, src=src, gap=gap,
+        lengths=lengths, state=state,
+    )

@@ -1,0 +1,54 @@
+"""Token choice from logits: temperature, top-k, top-p (nucleus), greedy, and confidence scores."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+CONFIDENCE_MODES = ("none", "top_prob", "prob_diff", "entropy")
+
+
+def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0) -> Tensor:
+    """Apply temperature, then top-k, then top-p to logits (..., V); removed entries become -inf."""
+    if temperature != 1.0:
+        logits = logits / max(temperature, 1e-6)
+    V = logits.shape[-1]
+    if top_k is not None and 0 < top_k < V:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass strictly before it already reaches top_p (the top token always stays).
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_tokens(
+    logits: Tensor,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw one token per position from filtered logits (..., V) -> (...). ``top_k=1`` is greedy."""
+    if top_k == 1 or temperature == 0.0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits.float(), top_k, top_p, temperature)
+    probs = logits.softmax(-1).flatten(0, -2)
+    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+
+
+def confidence_scores(logits: Tensor, mode: str) -> Tensor:
+    """Per-position confidence (higher = unmask first) from logits (..., V) -> (...)."""
+    probs = logits.float().softmax(-1)
+    if mode == "top_prob":
+        return probs.max(-1).values
+    if mode == "prob_diff":
+        top2 = probs.topk(2, dim=-1).values
+        return top2[..., 0] - top2[..., 1]
+    if mode == "entropy":
+        return (probs * torch.log(probs.clamp_min(1e-12))).sum(-1)  # negative entropy
+    raise ValueError(f"confidence={mode!r}; allowed values: {', '.join(CONFIDENCE_MODES)}")

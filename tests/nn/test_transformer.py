@@ -1,0 +1,252 @@
+"""Unit tests of the transformer backbone and heads (insertion_diffusion/nn/transformer.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from insertion_diffusion.nn.transformer import (
+    AdaLNHead,
+    Block,
+    ScalarHead,
+    TimestepEmbedding,
+    Transformer,
+    TransformerConfig,
+    apply_rotary,
+    rotary_tables,
+)
+
+V = 17
+CFG = TransformerConfig(num_layers=2, d_model=32, num_heads=2, d_cond=16, dropout=0.0)
+
+
+def perturbed(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+    """Randomise every parameter (AdaLN-zero init makes the blocks identities, which would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return module.eval()
+
+
+def tokens(B=3, W=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (B, W), generator=g)
+
+
+def test_output_shapes():
+    net = Transformer(V, CFG)
+    x = tokens(B=3, W=9)
+    t = torch.rand(3)
+    h, cond = net(x, t, torch.ones(3, 9, dtype=torch.bool))
+    assert h.shape == (3, 9, 32) and cond.shape == (3, 16)
+    h2, _ = net(x, t, None)
+    assert h2.shape == (3, 9, 32)
+    assert AdaLNHead(32, 16, 11)(h, cond).shape == (3, 9, 11)
+    s = ScalarHead(32, 16)(h, cond)
+    assert s.shape == (3, 9) and s.dtype == torch.float32
+    assert TimestepEmbedding(16)(t).shape == (3, 16)
+
+
+def test_no_time_conditioning():
+    cfg = TransformerConfig(num_layers=1, d_model=32, num_heads=2, d_cond=16, dropout=0.0, time_conditioning=False)
+    net = Transformer(V, cfg)
+    assert net.time is None and net.blocks[0].ada is None
+    x = tokens()
+    h, cond = net(x, torch.rand(3), None)
+    assert cond is None and h.shape == (3, 9, 32)
+    # t is ignored.
+    torch.testing.assert_close(h, net(x, torch.rand(3), None)[0])
+    head = AdaLNHead(32, None, 5)
+    assert head.ada is None and head(h, None).shape == (3, 9, 5)
+    assert ScalarHead(32, None)(h, None).shape == (3, 9)
+
+
+def test_padding_invariance():
+    net = perturbed(Transformer(V, CFG))
+    B, W, extra = 4, 7, 5
+    x = tokens(B, W, seed=1)
+    lengths = torch.tensor([7, 3, 5, 1])
+    valid = torch.arange(W)[None, :] < lengths[:, None]
+    t = torch.rand(B)
+    h, _ = net(x, t, valid)
+    # Append PAD columns (and garbage in the already-padded slots): real positions must not change.
+    x2 = torch.cat([x, torch.zeros(B, extra, dtype=torch.long)], 1)
+    x2[:, :W][~valid] = tokens(B, W, seed=2)[~valid]
+    valid2 = torch.cat([valid, torch.zeros(B, extra, dtype=torch.bool)], 1)
+    h2, _ = net(x2, t, valid2)
+    for b in range(B):
+        n = lengths[b].item()
+        torch.testing.assert_close(h2[b, :n], h[b, :n], atol=1e-5, rtol=1e-5)
+        # And each row equals the same row run alone, unpadded.
+        alone, _ = net(x[b : b + 1, :n], t[b : b + 1], None)
+        torch.testing.assert_close(alone[0], h[b, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_padding_mask_matters():
+    """Sanity check that the previous test has power: without the mask, pads leak into real positions."""
+    net = perturbed(Transformer(V, CFG))
+    x = tokens(2, 8, seed=3)
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[:, 5:] = False
+    t = torch.rand(2)
+    h_masked, _ = net(x, t, valid)
+    h_unmasked, _ = net(x, t, None)
+    assert not torch.allclose(h_masked[:, :5], h_unmasked[:, :5], atol=1e-4)
+
+
+@pytest.mark.parametrize("with_valid", [False, True])
+def test_causal_attention_ignores_the_future(with_valid):
+    net = perturbed(Transformer(V, CFG, causal=True))
+    B, W = 2, 10
+    x = tokens(B, W, seed=4)
+    t = torch.rand(B)
+    valid = torch.ones(B, W, dtype=torch.bool) if with_valid else None
+    h, _ = net(x, t, valid)
+    for j in (0, 3, 8):
+        x2 = x.clone()
+        x2[:, j + 1 :] = (x2[:, j + 1 :] + 1 + torch.arange(W - j - 1)) % V
+        h2, _ = net(x2, t, valid)
+        torch.testing.assert_close(h2[:, : j + 1], h[:, : j + 1], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(h2[:, j + 1 :], h[:, j + 1 :], atol=1e-4)
+
+
+def test_causal_with_padding():
+    net = perturbed(Transformer(V, CFG, causal=True))
+    x = tokens(2, 6, seed=5)
+    valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    t = torch.rand(2)
+    h, _ = net(x, t, valid)
+    h_ref, _ = net(x[1:, :4], t[1:], None)
+    torch.testing.assert_close(h[1, :4], h_ref[0], atol=1e-5, rtol=1e-5)
+
+
+def test_bidirectional_attention_sees_the_future():
+    net = perturbed(Transformer(V, CFG, causal=False))
+    x = tokens(2, 10, seed=6)
+    t = torch.rand(2)
+    h, _ = net(x, t, None)
+    x2 = x.clone()
+    x2[:, -1] = (x2[:, -1] + 1) % V
+    h2, _ = net(x2, t, None)
+    assert not torch.allclose(h2[:, 0], h[:, 0], atol=1e-4)
+
+
+def test_adaln_zero_blocks_are_identity_at_init():
+    torch.manual_seed(0)
+    block = Block(CFG)
+    x = torch.randn(3, 6, 32)
+    cond = torch.randn(3, 16)
+    W, hd = 6, 16
+    rot = rotary_tables(W, hd, x.device, x.dtype)
+    valid = torch.ones(3, 1, 1, W, dtype=torch.bool)
+    torch.testing.assert_close(block(x, cond, rot, valid, False), x)
+    torch.testing.assert_close(block(x, cond, rot, None, True), x)
+    # The whole backbone is the embedding at init, whatever t.
+    net = Transformer(V, CFG)
+    toks = tokens()
+    h, _ = net(toks, torch.rand(3), None)
+    torch.testing.assert_close(h, net.embed(toks))
+    # After perturbing, blocks are no longer the identity.
+    perturbed(block)
+    assert not torch.allclose(block(x, cond, rot, valid, False), x, atol=1e-3)
+
+
+def test_heads_start_uniform_and_at_bias_init():
+    h = torch.randn(2, 5, 32)
+    cond = torch.randn(2, 16)
+    assert (AdaLNHead(32, 16, 9)(h, cond) == 0).all()  # uniform logits
+    out = ScalarHead(32, 16, bias_init=-2.0)(h, cond)
+    torch.testing.assert_close(out, torch.full((2, 5), -2.0))
+
+
+def test_time_conditioning_changes_the_output():
+    net = perturbed(Transformer(V, CFG))
+    x = tokens(2, 6, seed=7)
+    h1, c1 = net(x, torch.tensor([0.1, 0.1]), None)
+    h2, c2 = net(x, torch.tensor([0.1, 0.9]), None)
+    torch.testing.assert_close(h1[0], h2[0])
+    assert not torch.allclose(h1[1], h2[1], atol=1e-4)
+    assert not torch.allclose(c1[1], c2[1])
+
+
+def test_timestep_embedding_resolves_nearby_times():
+    emb = TimestepEmbedding(16)
+    t = torch.tensor([0.5, 0.5 + 1e-3])
+    assert not torch.allclose(emb(t)[0], emb(t)[1], atol=1e-6)
+
+
+def test_rotary_preserves_norms_and_encodes_relative_positions():
+    W, hd = 12, 8
+    cos, sin = rotary_tables(W, hd, torch.device("cpu"), torch.float32)
+    assert cos.shape == sin.shape == (W, hd // 2)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(hd, generator=g)
+    k = torch.randn(hd, generator=g)
+    qs = apply_rotary(q.expand(1, 1, W, hd), cos, sin)[0, 0]
+    ks = apply_rotary(k.expand(1, 1, W, hd), cos, sin)[0, 0]
+    torch.testing.assert_close(qs.norm(dim=-1), q.norm().expand(W))
+    # <R_i q, R_j k> depends only on i - j.
+    dots = qs @ ks.T
+    for off in (0, 1, 3):
+        d = torch.diagonal(dots, offset=off)
+        torch.testing.assert_close(d, d[0].expand_as(d), atol=1e-4, rtol=1e-4)
+    # Position 0 is unrotated; a partial rotary dim leaves the remaining dims untouched.
+    torch.testing.assert_close(qs[0], q)
+    cos2, sin2 = rotary_tables(W, 4, torch.device("cpu"), torch.float32)
+    part = apply_rotary(q.expand(1, 1, W, hd), cos2, sin2)[0, 0]
+    torch.testing.assert_close(part[:, 4:], q[4:].expand(W, 4))
+
+
+def test_rotary_dim_option():
+    cfg = TransformerConfig(num_layers=1, d_model=32, num_heads=2, d_cond=16, dropout=0.0, rotary_dim=8)
+    net = perturbed(Transformer(V, cfg))
+    assert net.rotary_dim == 8
+    x = tokens()
+    assert net(x, torch.rand(3), None)[0].shape == (3, 9, 32)
+    with pytest.raises(ValueError, match="rotary_dim"):
+        Transformer(V, TransformerConfig(num_layers=1, d_model=32, num_heads=2, rotary_dim=7))
+    with pytest.raises(ValueError, match="rotary_dim"):
+        Transformer(V, TransformerConfig(num_layers=1, d_model=32, num_heads=2, rotary_dim=32))
+
+
+def test_dropout_only_in_training_mode():
+    cfg = TransformerConfig(num_layers=1, d_model=32, num_heads=2, d_cond=16, dropout=0.5)
+    net = perturbed(Transformer(V, cfg))
+    x = tokens()
+    t = torch.rand(3)
+    net.eval()
+    torch.testing.assert_close(net(x, t, None)[0], net(x, t, None)[0])
+    net.train()
+    torch.manual_seed(0)
+    a = net(x, t, None)[0]
+    b = net(x, t, None)[0]
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [
+        ({"d_model": 30, "num_heads": 4}, "divisible"),
+        ({"num_layers": 0}, "num_layers"),
+        ({"d_cond": 0}, "d_cond"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": -0.1}, "dropout"),
+    ],
+)
+def test_config_validation(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        TransformerConfig(**kwargs)
+
+
+def test_gradients_reach_every_parameter_after_perturbation():
+    net = perturbed(Transformer(V, CFG), scale=0.1).train()
+    head = perturbed(AdaLNHead(32, 16, V)).train()
+    x = tokens()
+    valid = torch.ones(3, 9, dtype=torch.bool)
+    valid[0, 6:] = False
+    h, cond = net(x, torch.rand(3), valid)
+    head(h, cond).logsumexp(-1)[valid].sum().backward()
+    for name, p in list(net.named_parameters()) + list(head.named_parameters()):
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
