@@ -22,11 +22,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from insertion_diffusion.data.star import StarGraphDataModule
-from insertion_diffusion.models import FlexMDM
+from insertion_diffusion.models import FlexMDM, LoFlexMDM
 from insertion_diffusion.nn.transformer import TransformerConfig
 from insertion_diffusion.sampling.tau_leaping import SamplerConfig
 
-METHODS = {"flexmdm": FlexMDM}
+METHODS = {"flexmdm": FlexMDM, "loflexmdm": LoFlexMDM}
 
 
 class CurveWriter(Callback):
@@ -43,7 +43,9 @@ class CurveWriter(Callback):
         row = {"step": trainer.global_step, "seconds": round(time.time() - self.t0, 1),
                "train_loss": m.get("train/loss", float("nan")), "val_loss": m.get("val/loss", float("nan")),
                "val_exact_match": m.get("val/exact_match", float("nan")),
-               "val_token_accuracy": m.get("val/token_accuracy", float("nan"))}
+               "val_token_accuracy": m.get("val/token_accuracy", float("nan")),
+               "val_order_corr_unmask": m.get("val/order_corr_unmask", float("nan")),
+               "val_order_corr_phi": m.get("val/order_corr_phi", float("nan"))}
         new = not os.path.exists(self.path)
         with open(self.path, "a", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(row))
@@ -56,11 +58,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="easy")
     ap.add_argument("--method", default="flexmdm", choices=sorted(METHODS))
-    ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("--minutes", type=float, default=30.0, help="wall-clock cap on training")
+    ap.add_argument("--max-steps", type=int, default=-1, help="step budget (-1: only the time cap)")
     ap.add_argument("--out", default="benchmarks/out/star")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--order-layers", type=int, default=2, help="LoFlexMDM order-network layers")
+    ap.add_argument("--order-lr", type=float, default=None, help="LoFlexMDM order-network learning rate")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=500)
@@ -81,14 +86,20 @@ def main() -> None:
                              num_test=args.num_test, batch_size=args.batch_size, eval_batch_size=256)
     backbone = TransformerConfig(num_layers=args.layers, d_model=args.width, num_heads=args.heads,
                                  d_cond=min(128, args.width), dropout=args.dropout)
+    extra = {}
+    if args.method == "loflexmdm":
+        extra = {"order_backbone": TransformerConfig(num_layers=args.order_layers, d_model=args.width,
+                                                     num_heads=args.heads, d_cond=min(128, args.width),
+                                                     dropout=args.dropout),
+                 "order_lr": args.order_lr}
     model = METHODS[args.method](
         dm.tokenizer, dm.max_length, backbone=backbone, lr=args.lr, warmup_steps=args.warmup,
-        sampler=SamplerConfig(steps=args.val_steps, top_k=1, confidence=args.confidence),
+        sampler=SamplerConfig(steps=args.val_steps, top_k=1, confidence=args.confidence), **extra,
     )
     ckpt_dir = os.path.join(args.out, "checkpoints")
     last = os.path.join(ckpt_dir, "last.ckpt")
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_time={"minutes": args.minutes}, max_steps=-1, max_epochs=-1,
+        accelerator="cpu", devices=1, max_time={"minutes": args.minutes}, max_steps=args.max_steps, max_epochs=-1,
         val_check_interval=args.val_every, check_val_every_n_epoch=None, limit_val_batches=1,
         gradient_clip_val=1.0, log_every_n_steps=50, enable_progress_bar=False,
         logger=TensorBoardLogger(args.out, name="tb"),

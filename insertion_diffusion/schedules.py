@@ -73,10 +73,11 @@ class CosineSchedule(Schedule):
     name = "cosine"
 
     def cdf(self, t: Tensor) -> Tensor:
-        return 1.0 - torch.cos(0.5 * math.pi * t.clamp(0.0, 1.0))
+        # 2 sin^2(x/2) == 1 - cos(x), without the cancellation near t = 0 in fp32.
+        return 2.0 * torch.sin(0.25 * math.pi * t.clamp(0.0, 1.0)) ** 2
 
     def inverse(self, u: Tensor) -> Tensor:
-        return torch.acos((1.0 - u).clamp(0.0, 1.0)) * (2.0 / math.pi)
+        return (4.0 / math.pi) * torch.asin(torch.sqrt(0.5 * u.clamp(0.0, 1.0)))
 
     def hazard(self, t: Tensor) -> Tensor:
         return 0.5 * math.pi * torch.tan(0.5 * math.pi * t.clamp(0.0, 1.0 - T_MAX_EPS))
@@ -90,7 +91,7 @@ class PolynomialSchedule(Schedule):
     """
 
     def __init__(self, exponent: float) -> None:
-        if not exponent > 0:
+        if not (math.isfinite(exponent) and exponent > 0):
             raise ValueError(f"polynomial schedule exponent must be > 0, got {exponent}")
         self.exponent = float(exponent)
         self.name = f"poly:{exponent:g}"

@@ -10,6 +10,16 @@ import torch.nn.functional as F
 
 from insertion_diffusion.losses import RATE_CLAMP, LossTerms, bregman_rate, rate_matching_terms
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is much faster, especially on shared, busy CPUs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # bregman_rate
 
@@ -41,7 +51,9 @@ def test_bregman_matches_formula():
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
     # A hand-computed value: D(2, 1) = 1 - 2 + 2 log 2.
-    assert bregman_rate(torch.tensor(2.0), torch.tensor(1.0)).item() == pytest.approx(-1 + 2 * math.log(2), rel=1e-6)
+    assert bregman_rate(torch.tensor(2.0), torch.tensor(1.0)).item() == pytest.approx(
+        -1 + 2 * math.log(2), rel=1e-6
+    )
 
 
 def test_bregman_clamps_at_rate_clamp():

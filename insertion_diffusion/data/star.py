@@ -291,6 +291,8 @@ class StarGraphDataModule(SequenceDataModule):
             seed=seed,
         )
         self.save_hyperparameters()
+        # Record the resolved length: the model's linked ``max_length`` hparam must agree with it.
+        self.hparams["max_length"] = self.max_length
         self.preset = preset
         self.spec = spec
         self.data_dir = str(data_dir)

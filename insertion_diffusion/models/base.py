@@ -87,9 +87,12 @@ class GenerativeModule(L.LightningModule):
         self.num_logged_samples = num_logged_samples
         self._sample_rows: list[tuple[str, str, str]] = []
 
-    def save_tokenizer_hparam(self) -> None:
-        """Store the tokenizer as a plain dict in hparams (so hparams.yaml and load_from_checkpoint work)."""
+    def save_linked_hparams(self) -> None:
+        """Store the values linked from the data (tokenizer as a plain dict, max length) in the checkpoint's
+        hparams so ``load_from_checkpoint`` needs no data. They are kept out of the initial hparams that
+        Lightning merges with the DataModule's (whose own ``max_length`` may be unresolved, e.g. None)."""
         self.hparams["tokenizer"] = self.tokenizer.to_config()
+        self.hparams["max_length"] = self.max_length
 
     # --- to implement -------------------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:

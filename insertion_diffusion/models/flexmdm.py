@@ -7,25 +7,22 @@ insertion rate is ``g_j * lambda_in(t)``. See :mod:`insertion_diffusion.losses` 
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from insertion_diffusion.losses import rate_matching_terms
-from insertion_diffusion.models.base import GenerativeModule, compact_fixed
+from insertion_diffusion.models.insertion_base import InsertionModel
 from insertion_diffusion.nn.transformer import AdaLNHead, ScalarHead, Transformer, TransformerConfig
 from insertion_diffusion.process.insertion import partial_state, sample_event_times, stratified_times
-from insertion_diffusion.sampling.tau_leaping import SamplerConfig, tau_leaping
+from insertion_diffusion.sampling.tau_leaping import SamplerConfig
 from insertion_diffusion.schedules import make_schedule
 from insertion_diffusion.tokenizers import Tokenizer
 
 INSERTION_HEADS = ("expectation", "distribution")
 
 
-class FlexMDM(GenerativeModule):
+class FlexMDM(InsertionModel):
     """FlexMDM with uniform (shared) insertion and unmasking schedules.
 
     Args:
@@ -75,11 +72,11 @@ class FlexMDM(GenerativeModule):
         self.unmasking = make_schedule(unmasking_schedule, "model.unmasking_schedule")
         self.insertion_head = insertion_head
         self.time_eps = time_eps
-        self.save_hyperparameters(ignore=["tokenizer"])
-        self.save_tokenizer_hparam()
+        self.save_hyperparameters(ignore=["tokenizer", "max_length"])
+        self.save_linked_hparams()
 
         V, cfg = self.tokenizer.vocab_size, self.backbone_cfg
-        self.net = Transformer(V, cfg)
+        self.net = Transformer(V, cfg, max_length=self.max_length)
         cond = cfg.d_cond if cfg.time_conditioning else None
         self.token_head = AdaLNHead(cfg.d_model, cond, V)
         if insertion_head == "expectation":
@@ -146,16 +143,3 @@ class FlexMDM(GenerativeModule):
         insert_rate = self.expected_gap(gap_out) * self.insertion.hazard(t)[:, None]
         unmask_rate = self.unmasking.hazard(t)[:, None].expand_as(insert_rate)
         return logits, insert_rate, unmask_rate
-
-    def sample(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        tok = self.tokenizer
-        x0, fixed0, len0 = compact_fixed(batch["input_ids"], batch["fixed"], batch["attention_mask"], tok.pad_id)
-        out = tau_leaping(
-            self.rates, x0, fixed0, len0, self.sampler_cfg, max_length=self.max_length,
-            mask_id=tok.mask_id, pad_id=tok.pad_id, eos_id=tok.eos_id,
-            banned_ids=(tok.pad_id, tok.mask_id, tok.bos_id, tok.eos_id), generator=generator,
-        )
-        return out.x, out.fixed
-
-    def sampler_settings(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.sampler_cfg)

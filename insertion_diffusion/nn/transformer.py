@@ -29,6 +29,9 @@ class TransformerConfig:
         dropout: dropout inside attention and feed-forward outputs.
         rotary_dim: how many dims per head get rotary embeddings (default: all).
         time_conditioning: whether blocks are modulated by ``t`` (AdaLN); False gives plain LayerNorm.
+        absolute_positions: also add a learned absolute position embedding (up to the model's max length).
+            Rotary embeddings only see relative offsets; tasks with a fixed layout (e.g. a prompt of
+            ``u v`` edge pairs, where a token's parity matters) learn much faster with absolute positions.
     """
 
     num_layers: int = 4
@@ -39,6 +42,7 @@ class TransformerConfig:
     dropout: float = 0.1
     rotary_dim: int | None = None
     time_conditioning: bool = True
+    absolute_positions: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model % self.num_heads:
@@ -140,14 +144,21 @@ class Transformer(nn.Module):
         vocab_size: number of token ids.
         cfg: the backbone size.
         causal: causal attention (autoregressive) instead of bidirectional.
+        max_length: longest sequence (needed only with ``cfg.absolute_positions``).
     """
 
-    def __init__(self, vocab_size: int, cfg: TransformerConfig, causal: bool = False) -> None:
+    def __init__(self, vocab_size: int, cfg: TransformerConfig, causal: bool = False, max_length: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
         self.causal = causal
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
+        self.pos_embed = None
+        if cfg.absolute_positions:
+            if max_length < 1:
+                raise ValueError("absolute_positions needs the model's max_length")
+            self.pos_embed = nn.Embedding(max_length, cfg.d_model)
+            nn.init.normal_(self.pos_embed.weight, std=0.02)
         self.time = TimestepEmbedding(cfg.d_cond) if cfg.time_conditioning else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         head_dim = cfg.d_model // cfg.num_heads
@@ -168,6 +179,10 @@ class Transformer(nn.Module):
             ``(h, cond)``: hidden states (B, W, d) and the conditioning vector (B, c) or None.
         """
         h = self.embed(x)
+        if self.pos_embed is not None:
+            if x.shape[1] > self.pos_embed.num_embeddings:
+                raise ValueError(f"sequence width {x.shape[1]} exceeds max_length {self.pos_embed.num_embeddings}")
+            h = h + self.pos_embed.weight[None, : x.shape[1]]
         cond = self.time(t) if self.time is not None and t is not None else None
         rot = rotary_tables(x.shape[1], self.rotary_dim, x.device, h.dtype)
         attn_mask = None

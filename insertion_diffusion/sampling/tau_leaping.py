@@ -182,7 +182,7 @@ def tau_leaping(
 
         # Insertion (never in the gaps left of prompt/BOS tokens; EOS's gap is open).
         allowed = valid & (~fixed | (x == eos_id))
-        rate = insert_rate.float().clamp_min(0.0) * dt * allowed
+        rate = torch.where(allowed, insert_rate.float().clamp_min(0.0) * dt, torch.zeros_like(x, dtype=torch.float32))
         counts = torch.poisson(rate, generator=generator).long()
         overflow = lengths + counts.sum(1) > max_length
         counts = counts.masked_fill(overflow[:, None], 0)

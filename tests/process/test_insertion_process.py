@@ -19,6 +19,16 @@ from insertion_diffusion.process.insertion import (
 )
 from insertion_diffusion.schedules import LinearSchedule, make_schedule
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is much faster, especially on shared, busy CPUs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 PAD, MASK, BOS, EOS = 0, 1, 2, 3
 
 
@@ -41,7 +51,7 @@ def make_batch(prompt_lens, target_lens, L=None, seed=0, vocab=(4, 30)):
         row = prompt + [BOS] + target + [EOS]
         z1[b, : len(row)] = torch.tensor(row)
         attn[b, : len(row)] = True
-        fixed[b, :p + 1] = True
+        fixed[b, : p + 1] = True
         fixed[b, p + 1 + t] = True
         rows.append((prompt, target))
     return z1, fixed, attn, rows
@@ -118,7 +128,7 @@ def test_fixed_tokens_present_unchanged_and_in_order(tv):
     z1, fixed, attn, rows = make_batch(PROMPTS * 4, TARGETS * 4, seed=2)
     B = z1.shape[0]
     st, _, _ = noise(z1, fixed, attn, torch.full((B,), tv), seed=3)
-    for b, (prompt, target) in enumerate(rows):
+    for b, (prompt, _target) in enumerate(rows):
         n = st.lengths[b].item()
         x = st.x[b, :n].tolist()
         fx = st.fixed[b, :n].tolist()
@@ -137,13 +147,16 @@ def test_kept_tokens_preserve_order(tv):
     z1, fixed, attn, rows = make_batch(PROMPTS * 4, TARGETS * 4, seed=4)
     B = z1.shape[0]
     st, _, _ = noise(z1, fixed, attn, torch.full((B,), tv), seed=5)
-    for b, (prompt, target) in enumerate(rows):
+    for b, (_prompt, target) in enumerate(rows):
         n = st.lengths[b].item()
         src = st.src[b, :n]
         assert bool((src[1:] > src[:-1]).all())
         # Clean (unmasked, non-fixed) tokens form a subsequence of the target, in order.
-        clean = [v for v, f, m in zip(st.x[b, :n].tolist(), st.fixed[b, :n].tolist(), st.is_mask[b, :n].tolist())
-                 if not f and not m]
+        clean = [
+            v
+            for v, f, m in zip(st.x[b, :n].tolist(), st.fixed[b, :n].tolist(), st.is_mask[b, :n].tolist())
+            if not f and not m
+        ]
         it = iter(target)
         assert all(any(c == v for v in it) for c in clean)
 
@@ -175,7 +188,7 @@ def test_gap_sums_matches_brute_force_on_random_values():
         srcs = []
         for b in range(B):
             deleted[b, n_real[b] - 1] = False  # last real position (EOS) is kept
-            deleted[b, n_real[b]:] = False  # pads are never deleted
+            deleted[b, n_real[b] :] = False  # pads are never deleted
             srcs.append([i for i in range(n_real[b]) if not deleted[b, i]])
         W = max(map(len, srcs)) + trial % 2  # also check an extra padded column
         src = torch.zeros(B, W, dtype=torch.long)
@@ -251,7 +264,9 @@ def test_t_near_one_is_almost_all_clean():
 
 def _state_frequencies(tv, insertion="linear", unmasking="linear", B=2000, seed=17):
     z1, fixed, attn, _ = make_batch([1] * B, [10] * B, seed=0)
-    st, _, _ = noise(z1, fixed, attn, torch.full((B,), tv), seed=seed, insertion=insertion, unmasking=unmasking)
+    st, _, _ = noise(
+        z1, fixed, attn, torch.full((B,), tv), seed=seed, insertion=insertion, unmasking=unmasking
+    )
     noisy = attn & ~fixed
     s = st.state[noisy]
     n = s.numel()
@@ -296,9 +311,15 @@ def test_sample_event_times_ordering_and_marginals():
     assert t_in.mean().item() == pytest.approx(0.5, abs=0.01)
     assert t_um.mean().item() == pytest.approx(0.75, abs=0.01)
     # Same generator seed -> same times; different seed -> different times.
-    a = sample_event_times((3, 4), LinearSchedule(), LinearSchedule(), generator=torch.Generator().manual_seed(5))
-    b = sample_event_times((3, 4), LinearSchedule(), LinearSchedule(), generator=torch.Generator().manual_seed(5))
-    c = sample_event_times((3, 4), LinearSchedule(), LinearSchedule(), generator=torch.Generator().manual_seed(6))
+    a = sample_event_times(
+        (3, 4), LinearSchedule(), LinearSchedule(), generator=torch.Generator().manual_seed(5)
+    )
+    b = sample_event_times(
+        (3, 4), LinearSchedule(), LinearSchedule(), generator=torch.Generator().manual_seed(5)
+    )
+    c = sample_event_times(
+        (3, 4), LinearSchedule(), LinearSchedule(), generator=torch.Generator().manual_seed(6)
+    )
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
 
@@ -360,3 +381,17 @@ def test_pads_and_fixed_ignore_event_times():
     assert (st.state[~attn] == CLEAN).all()
     assert (st.state[attn & ~fixed] == DELETED).all()
     assert torch.equal(st.lengths, fixed.sum(1))
+
+
+def test_stratified_offset_is_uniform_across_draws():
+    """The shared offset u = (min t - eps) B / (1 - 2 eps) is a fresh U(0, 1) per call."""
+    eps, B = 1e-3, 8
+    g = torch.Generator().manual_seed(0)
+    u = torch.stack(
+        [(stratified_times(B, eps, generator=g).min() - eps) * B / (1 - 2 * eps) for _ in range(400)]
+    )
+    assert bool(((u >= 0) & (u < 1)).all())
+    srt = u.double().sort().values
+    i = torch.arange(1, 401, dtype=torch.float64)
+    ks = max((i / 400 - srt).max().item(), (srt - (i - 1) / 400).max().item())
+    assert ks < 1.63 / math.sqrt(400)

@@ -10,6 +10,16 @@ import torch
 from insertion_diffusion.sampling import SamplerConfig, tau_leaping
 from insertion_diffusion.sampling.tau_leaping import insert_masks
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is much faster, especially on shared, busy CPUs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 PAD, MASK, BOS, EOS = 0, 1, 2, 3
 SPECIALS = (PAD, MASK, BOS, EOS)
 V = 14
@@ -57,8 +67,17 @@ def run(model, prompts=PROMPTS, max_length=24, seed=0, banned=SPECIALS, **cfg):
     cfg.setdefault("steps", 30)
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     return tau_leaping(
-        model, x, fixed, lengths, SamplerConfig(**cfg), max_length=max_length, mask_id=MASK, pad_id=PAD,
-        eos_id=EOS, banned_ids=banned, generator=g,
+        model,
+        x,
+        fixed,
+        lengths,
+        SamplerConfig(**cfg),
+        max_length=max_length,
+        mask_id=MASK,
+        pad_id=PAD,
+        eos_id=EOS,
+        banned_ids=banned,
+        generator=g,
     )
 
 
@@ -159,7 +178,7 @@ def test_huge_insertion_rate_never_overflows(rate):
     model = DummyModel(insert_rate=rate)
     out = run(model, max_length=12, steps=15)
     assert (out.lengths <= 12).all()
-    for x, _, valid in model.calls:
+    for _x, _, valid in model.calls:
         assert (valid.sum(1) <= 12).all()
     # Every step would overflow: nothing is ever inserted.
     assert torch.equal(out.lengths, torch.tensor([len(p) + 2 for p in PROMPTS]))
@@ -171,7 +190,7 @@ def test_large_insertion_rate_fills_up_to_max_length():
     prompts = [[4]] * 16
     out = run(model, prompts=prompts, max_length=10, steps=40)
     check_invariants(out, prompts, 10)
-    for x, _, valid in model.calls:
+    for _x, _, valid in model.calls:
         assert (valid.sum(1) <= 10).all()
     assert (out.lengths >= 7).float().mean() > 0.5  # most rows grow close to the cap
 
@@ -197,8 +216,16 @@ def test_unmasking_probability_per_step():
     fixed = torch.zeros(B, m + 1, dtype=torch.bool)
     fixed[:, -1] = True
     out = tau_leaping(
-        DummyModel(insert_rate=0.0, unmask_rate=r), x, fixed, torch.full((B,), m + 1), SamplerConfig(steps=S),
-        max_length=m + 1, mask_id=MASK, pad_id=PAD, eos_id=EOS, banned_ids=SPECIALS,
+        DummyModel(insert_rate=0.0, unmask_rate=r),
+        x,
+        fixed,
+        torch.full((B,), m + 1),
+        SamplerConfig(steps=S),
+        max_length=m + 1,
+        mask_id=MASK,
+        pad_id=PAD,
+        eos_id=EOS,
+        banned_ids=SPECIALS,
         generator=torch.Generator().manual_seed(6),
     )
     dt = (1 - 1e-5) / (S + 1)
@@ -236,8 +263,16 @@ def test_confidence_modes_keep_the_number_of_unmasked_positions_per_step(mode):
     fixed = torch.zeros(B, m + 1, dtype=torch.bool)
     fixed[:, -1] = True
     out = tau_leaping(
-        ConfidenceProbe(), x, fixed, torch.full((B,), m + 1), SamplerConfig(steps=S, confidence=mode, top_k=1),
-        max_length=m + 1, mask_id=MASK, pad_id=PAD, eos_id=EOS, banned_ids=SPECIALS,
+        ConfidenceProbe(),
+        x,
+        fixed,
+        torch.full((B,), m + 1),
+        SamplerConfig(steps=S, confidence=mode, top_k=1),
+        max_length=m + 1,
+        mask_id=MASK,
+        pad_id=PAD,
+        eos_id=EOS,
+        banned_ids=SPECIALS,
         generator=torch.Generator().manual_seed(0),
     )
     assert not (out.x == MASK).any() and (out.x[:, :m] == 5).all() and (out.x[:, m] == EOS).all()
@@ -285,8 +320,15 @@ def test_initial_state_wider_than_max_length_is_rejected():
     x, fixed, lengths = start_state(PROMPTS)
     with pytest.raises(ValueError, match="max_length"):
         tau_leaping(
-            DummyModel(), x, fixed, lengths, SamplerConfig(steps=2), max_length=x.shape[1] - 1, mask_id=MASK,
-            pad_id=PAD, eos_id=EOS,
+            DummyModel(),
+            x,
+            fixed,
+            lengths,
+            SamplerConfig(steps=2),
+            max_length=x.shape[1] - 1,
+            mask_id=MASK,
+            pad_id=PAD,
+            eos_id=EOS,
         )
 
 

@@ -1,0 +1,305 @@
+"""LoFlexMDM: FlexMDM whose per-token insertion/unmasking clocks come from a trainable order network.
+
+The order network ``phi`` reads the clean sequence and gives every position Kumaraswamy clock rates
+``b_in[i]`` (and ``b_um[i]``, fixed to 1 by default) with a shared shape ``a``. Partial states are drawn
+from those clocks in closed form, the generator is trained by rate matching against the implied target
+rates, and ``phi`` is trained jointly on the same loss through (i) the pathwise gradient of the targets,
+(ii) a two-sample leave-one-out REINFORCE term and (iii) schedule regularisers::
+
+    J = (L1 + L2) / 2 + sg(L1 - L2) (log p(z1_t | x) - log p(z2_t | x)) / 2 + sum_k w_k R_k
+
+Both partial states of a row go through the generator in ONE batched forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from torch import Tensor
+
+from insertion_diffusion.losses import bregman_rate, rate_matching_terms
+from insertion_diffusion.metrics.order import rowwise_pearson
+from insertion_diffusion.models.insertion_base import InsertionModel
+from insertion_diffusion.nn.transformer import AdaLNHead, ScalarHead, Transformer, TransformerConfig
+from insertion_diffusion.order.kumaraswamy import KumaraswamyClock, schedule_regularizers
+from insertion_diffusion.order.network import BoundedRate, OrderNetwork
+from insertion_diffusion.process.insertion import CLEAN, DELETED, MASKED, partial_state, stratified_times
+from insertion_diffusion.sampling.tau_leaping import SamplerConfig
+from insertion_diffusion.tokenizers import Tokenizer
+
+
+class LoFlexMDM(InsertionModel):
+    """Insertion model with learnable order dynamics.
+
+    Args:
+        tokenizer, max_length: linked from the DataModule.
+        backbone: generator size.
+        order_backbone: order-network size (default: 2 layers at the generator's width).
+        a: shared Kumaraswamy shape (> 0). ``a = 1`` with ``b = 1`` is FlexMDM's linear schedule.
+        learn_b_um: learn per-token unmasking rates too (less stable); default: ``b_um = 1``.
+        shared_backbone: the order network reuses the generator's transformer (own rate heads only).
+        order_b_min, order_b_max: bounds of the order network's rates (``b >= 1`` never delays insertion
+            beyond the uniform schedule, leaving time to unmask).
+        order_rate_fn: "softplus" or "exp" squashing of the order rates.
+        generator_b_min, generator_b_max: bounds of the generator's predicted rates.
+        order_time_conditioning: the order network also sees ``t`` (rates ``b(z1, t)``).
+        reinforce_weight: weight of the REINFORCE term.
+        pathwise: let the order network also get the pathwise gradient through the target rates.
+        reg_mixture, reg_endpoint, reg_kl: weights of the three schedule regularisers.
+        order_lr: learning rate of the order network (default: ``lr``).
+        time_eps: training times are stratified over ``[time_eps, 1 - time_eps]``.
+        sampler: tau-leaping settings for evaluation and prediction.
+        **optimiser and evaluation settings**: as :class:`~insertion_diffusion.models.base.GenerativeModule`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer | dict,
+        max_length: int,
+        backbone: TransformerConfig | None = None,
+        order_backbone: TransformerConfig | None = None,
+        a: float = 1.0,
+        learn_b_um: bool = False,
+        shared_backbone: bool = False,
+        order_b_min: float = 1.01,
+        order_b_max: float = 100.0,
+        order_rate_fn: str = "softplus",
+        generator_b_min: float = 0.0,
+        generator_b_max: float = 100.0,
+        order_time_conditioning: bool = False,
+        reinforce_weight: float = 1.0,
+        pathwise: bool = True,
+        reg_mixture: float = 1.0,
+        reg_endpoint: float = 1.0,
+        reg_kl: float = 1.0,
+        order_lr: float | None = None,
+        time_eps: float = 1e-3,
+        sampler: SamplerConfig | None = None,
+        lr: float = 3e-4,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.98),
+        warmup_steps: int = 200,
+        lr_schedule: str = "constant",
+        min_lr_ratio: float = 0.1,
+        eval_seed: int = 0,
+        num_logged_samples: int = 8,
+    ) -> None:
+        super().__init__(
+            tokenizer, max_length, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+            lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio, eval_seed=eval_seed,
+            num_logged_samples=num_logged_samples,
+        )
+        if not a > 0:
+            raise ValueError(f"model.a must be > 0, got {a}")
+        for name, lo, hi in (("order", order_b_min, order_b_max), ("generator", generator_b_min, generator_b_max)):
+            if not 0.0 <= lo < hi:
+                raise ValueError(
+                    f"model.{name}_b_min={lo} and model.{name}_b_max={hi} must satisfy 0 <= b_min < b_max"
+                )
+        if not 0.0 <= time_eps < 0.5:
+            raise ValueError(f"model.time_eps must be in [0, 0.5), got {time_eps}")
+        self.backbone_cfg = backbone or TransformerConfig()
+        cfg = self.backbone_cfg
+        self.order_cfg = order_backbone or TransformerConfig(
+            num_layers=2, d_model=cfg.d_model, num_heads=cfg.num_heads, d_cond=cfg.d_cond, dropout=cfg.dropout,
+            time_conditioning=order_time_conditioning, absolute_positions=cfg.absolute_positions,
+        )
+        if order_backbone is not None and order_backbone.time_conditioning != order_time_conditioning:
+            self.order_cfg = TransformerConfig(**{**vars(order_backbone), "time_conditioning": order_time_conditioning})
+        self.sampler_cfg = sampler or SamplerConfig()
+        self.clock = KumaraswamyClock(a)
+        self.learn_b_um = learn_b_um
+        self.order_time_conditioning = order_time_conditioning
+        self.reinforce_weight, self.pathwise = reinforce_weight, pathwise
+        self.reg_weights = {"mixture": reg_mixture, "endpoint": reg_endpoint, "kl": reg_kl}
+        self.order_lr = order_lr
+        self.time_eps = time_eps
+        self.save_hyperparameters(ignore=["tokenizer", "max_length"])
+        self.save_linked_hparams()
+
+        V = self.tokenizer.vocab_size
+        cond = cfg.d_cond if cfg.time_conditioning else None
+        self.net = Transformer(V, cfg, max_length=self.max_length)
+        self.token_head = AdaLNHead(cfg.d_model, cond, V)
+        self.gap_head = ScalarHead(cfg.d_model, cond, bias_init=-2.0)
+        self.um_head = ScalarHead(cfg.d_model, cond) if learn_b_um else None
+        self.gen_bound = BoundedRate(generator_b_min, generator_b_max, "softplus")
+        self.order = OrderNetwork(
+            V, self.order_cfg, order_b_min, order_b_max, order_rate_fn, learn_b_um,
+            backbone=self.net if shared_backbone else None, time_conditioning=order_time_conditioning,
+            max_length=self.max_length,
+        )
+        self._order_rows: list[Tensor] = []
+
+    # --- networks -------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, t: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Generator: token logits (B, W, V), insertion rate multipliers ``b_in`` (B, W), and ``b_um`` (B, W)
+        when learned (else None): the rates are ``b * h_a(t)``."""
+        h, cond = self.net(x, t, valid)
+        logits = self.token_head(h, cond)
+        b_in = self.gen_bound(self.gap_head(h, cond))
+        b_um = self.gen_bound(self.um_head(h, cond)) if self.um_head is not None else None
+        return logits, b_in, b_um
+
+    def order_rates(self, batch: dict[str, Tensor], t: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The order network's ``(b_in, b_um)`` (B, L) for clean rows (``b_um`` = 1 unless learned)."""
+        z1, attn = batch["input_ids"], batch["attention_mask"]
+        b_in, b_um = self.order(z1, attn, t if self.order_time_conditioning else None)
+        if not (torch.isfinite(b_in).all() and (b_um is None or torch.isfinite(b_um).all())):
+            raise FloatingPointError(
+                "the order network produced a non-finite rate (NaN/inf); training stopped — the last saved "
+                "checkpoint is untouched; lower model.order_lr / model.lr or raise regulariser weights"
+            )
+        return b_in, (b_um if b_um is not None else torch.ones_like(b_in))
+
+    # --- loss -----------------------------------------------------------------------------------------
+    def state_terms(self, st, t: Tensor, b_in: Tensor, b_um: Tensor, logits: Tensor, g_in: Tensor, g_um: Tensor | None):
+        """Per-row rate-matching loss of partial states ``st`` given clock rates ``b_in``, ``b_um`` (B, L).
+
+        Target rates: a gap's insertion rate is the sum of its deleted tokens' hazards ``b_in h_a(t)``; a
+        mask's unmasking rate is ``b_um h_a(t)`` of its source token. Returns ``(LossTerms, per_row)``.
+        """
+        h = self.clock.h(t)[:, None]
+        target_in = st.gap_sums(b_in * h)
+        target_um = torch.gather(b_um, 1, st.src) * h
+        allowed = st.valid & (~st.fixed | (st.x == self.tokenizer.eos_id))
+        terms = rate_matching_terms(logits, st.target, st.is_mask, target_um, target_in, g_in * h, allowed)
+        per_row = terms.per_row
+        if g_um is not None:
+            per_row = per_row + (bregman_rate(target_um, g_um * h) * st.is_mask).sum(1)
+        return terms, per_row
+
+    def state_log_prob(self, st, t: Tensor, b_in: Tensor, b_um: Tensor, noisy: Tensor) -> Tensor:
+        """``log p_phi(z_t | z1)`` per row (B,): closed-form state log-probabilities summed over noisy tokens."""
+        log_d, log_m, log_c = self.clock.log_state_probs(t[:, None], b_in, b_um)
+        lp = torch.where(st.state == DELETED, log_d, torch.where(st.state == MASKED, log_m, log_c))
+        return (lp * noisy.float()).sum(1)
+
+    def compute_loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        z1, fixed, attn = batch["input_ids"], batch["fixed"], batch["attention_mask"]
+        B, L = z1.shape
+        noisy = attn & ~fixed
+        t = stratified_times(B, self.time_eps, z1.device, generator)
+        b_in, b_um = self.order_rates(batch, t)
+
+        # Two independent partial states per row, through the generator as one batch of 2B rows.
+        t2, z2, f2, a2, n2 = t.repeat(2), z1.repeat(2, 1), fixed.repeat(2, 1), attn.repeat(2, 1), noisy.repeat(2, 1)
+        b_in2, b_um2 = b_in.repeat(2, 1), b_um.repeat(2, 1)
+        t_in, t_um = self.clock.sample_times(b_in2.masked_fill(~n2, 1.0), b_um2.masked_fill(~n2, 1.0), generator)
+        st = partial_state(z2, f2, a2, t2, t_in, t_um, self.tokenizer.mask_id, self.tokenizer.pad_id)
+        logits, g_in, g_um = self(st.x, t2, st.valid)
+        tb_in = b_in2 if self.pathwise else b_in2.detach()
+        tb_um = b_um2 if self.pathwise else b_um2.detach()
+        terms, per_row = self.state_terms(st, t2, tb_in, tb_um, logits, g_in, g_um)
+        per_row = per_row / L
+        loss_1, loss_2 = per_row[:B], per_row[B:]
+        gen_loss = 0.5 * (loss_1 + loss_2).mean()
+
+        logp = self.state_log_prob(st, t2, b_in2.masked_fill(~n2, 1.0), b_um2.masked_fill(~n2, 1.0), n2)
+        adv = (loss_1 - loss_2).detach()
+        dlogp = logp[:B] - logp[B:]
+        reinforce = 0.5 * (adv * dlogp).mean()
+
+        regs = schedule_regularizers(self.clock, b_in, noisy, generator=generator)
+        if self.learn_b_um:
+            regs = {k: v + u for (k, v), u in zip(regs.items(), schedule_regularizers(self.clock, b_um, noisy).values())}
+        reg = sum(self.reg_weights[k] * v for k, v in regs.items())
+        loss = gen_loss + self.reinforce_weight * reinforce + reg
+
+        with torch.no_grad():
+            bsel = b_in[noisy]
+            logs = {
+                "loss_generator": gen_loss.detach(),
+                "loss_unmask": terms.unmask.detach() / (2 * B * L),
+                "loss_insert": terms.insert.detach() / (2 * B * L),
+                "reinforce": reinforce.detach(),
+                "adv_abs_mean": adv.abs().mean(),
+                "adv_abs_max": adv.abs().max(),
+                "dlogp_abs_mean": dlogp.detach().abs().mean(),
+                "dlogp_abs_max": dlogp.detach().abs().max(),
+                "masked_token_acc": terms.correct / terms.num_masked.clamp_min(1),
+                "b_in_mean": bsel.mean() if bsel.numel() else torch.zeros(()),
+                "b_in_std": bsel.std() if bsel.numel() > 1 else torch.zeros(()),
+                **{f"reg_{k}": v.detach() for k, v in regs.items()},
+            }
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"LoFlexMDM loss is not finite ({float(loss)}); training stopped — the last saved checkpoint is "
+                "untouched; lower model.lr / model.order_lr"
+            )
+        return loss, logs
+
+    # --- sampling -------------------------------------------------------------------------------------
+    def rates(self, x: Tensor, t: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        logits, g_in, g_um = self(x, t, valid)
+        h = self.clock.h(t)[:, None]
+        unmask = (g_um if g_um is not None else torch.ones_like(g_in)) * h
+        return logits, g_in * h, unmask
+
+    # --- optimiser: a separate group (and learning rate) for the order network -------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        conf = super().configure_optimizers()
+        opt = conf["optimizer"]
+        order_ids = {id(p) for n, p in self.named_parameters() if n.startswith("order.") and not n.startswith("order.net.")}
+        if not self.order.shared:
+            order_ids |= {id(p) for p in self.order.net.parameters()}
+        groups = []
+        for g in opt.param_groups:
+            gen = [p for p in g["params"] if id(p) not in order_ids]
+            ord_ = [p for p in g["params"] if id(p) in order_ids]
+            groups.append({**g, "params": gen})
+            groups.append({**g, "params": ord_, "lr": self.order_lr or self.lr, "initial_lr": self.order_lr or self.lr})
+        new_opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas)
+        sched = conf["lr_scheduler"]["scheduler"]
+        conf["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(new_opt, sched.lr_lambdas[0])
+        conf["optimizer"] = new_opt
+        return conf
+
+    # --- order diagnostics ----------------------------------------------------------------------------
+    def _eval_step(self, batch: dict[str, Tensor], batch_idx: int, stage: str) -> None:
+        super()._eval_step(batch, batch_idx, stage)
+        with torch.no_grad():
+            b_in, _ = self.order_rates(batch, torch.full((batch["input_ids"].shape[0],), 0.5, device=self.device))
+            gen = batch["attention_mask"] & ~batch["fixed"]
+            e_t = self.clock.expected_time(b_in)
+            pos = gen.long().cumsum(1).float()
+            corr, ok = rowwise_pearson(pos, e_t, gen)
+            self.log(f"{stage}/order_corr_phi", corr[ok].mean() if ok.any() else torch.zeros((), device=self.device),
+                     batch_size=int(ok.sum().clamp_min(1)), sync_dist=True)
+            if batch_idx == 0:
+                self._order_rows = [e_t.cpu(), gen.cpu(), b_in.cpu()]
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        if self._order_rows and self.logger is not None and hasattr(self.logger.experiment, "add_figure"):
+            e_t, gen, b_in = self._order_rows
+            self.logger.experiment.add_histogram(f"{stage}/b_in", b_in[gen], self.global_step)
+            self.logger.experiment.add_figure(f"{stage}/learned_order", order_figure(e_t, gen), self.global_step)
+        self._order_rows = []
+        super()._eval_epoch_end(stage)
+
+
+def order_figure(expected_time: Tensor, generated: Tensor, max_rows: int = 64):
+    """Mean expected insertion time per position of the generated part (and a few rows), as a figure."""
+    pos = generated.long().cumsum(1) - 1
+    n = int(pos.max()) + 1 if generated.any() else 1
+    sums = torch.zeros(n).index_add_(0, pos[generated], expected_time[generated])
+    counts = torch.zeros(n).index_add_(0, pos[generated], torch.ones(int(generated.sum())))
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for r in range(min(max_rows, expected_time.shape[0])):
+        m = generated[r]
+        ax.plot(pos[r][m].numpy(), expected_time[r][m].numpy(), color="0.8", lw=0.6)
+    ax.plot(range(n), (sums / counts.clamp_min(1)).numpy(), color="C0", lw=2, marker="o", label="mean")
+    ax.set_xlabel("position in the generated part")
+    ax.set_ylabel("expected insertion time")
+    ax.set_title("learned order (order network)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+__all__ = ["CLEAN", "LoFlexMDM", "order_figure"]

@@ -1,0 +1,225 @@
+"""Unit tests of FlexMDM's loss and sampler glue (insertion_diffusion/models/flexmdm.py), on a tiny backbone."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from insertion_diffusion.losses import bregman_rate
+from insertion_diffusion.models.flexmdm import FlexMDM
+from insertion_diffusion.nn.transformer import TransformerConfig
+from insertion_diffusion.process.insertion import partial_state, sample_event_times, stratified_times
+from insertion_diffusion.sampling import SamplerConfig
+from insertion_diffusion.tokenizers import IntegerTokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is much faster, especially on shared, busy CPUs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TOK = IntegerTokenizer(10)
+PAD, MASK, BOS, EOS = TOK.pad_id, TOK.mask_id, TOK.bos_id, TOK.eos_id
+MAXLEN = 16
+
+
+def tiny(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(num_layers=1, d_model=32, num_heads=2, d_cond=16, dropout=0.0)
+    kwargs.setdefault("sampler", SamplerConfig(steps=16))
+    return FlexMDM(TOK, max_length=MAXLEN, backbone=cfg, **kwargs).eval()
+
+
+def batch(prompt_lens=(3, 1, 4, 2, 0, 5), target_lens=(5, 8, 0, 3, 6, 2), L=MAXLEN, seed=0):
+    """[prompt][BOS][target][EOS][PAD] rows; a zero-length prompt gives an unconditional [target][EOS] row."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(prompt_lens)
+    z1 = torch.full((B, L), PAD)
+    fixed = torch.zeros(B, L, dtype=torch.bool)
+    attn = torch.zeros(B, L, dtype=torch.bool)
+    prompts = []
+    for b, (p, n) in enumerate(zip(prompt_lens, target_lens)):
+        prompt = torch.randint(4, 14, (p,), generator=g).tolist()
+        head = prompt + [BOS] if p else []
+        row = head + torch.randint(4, 14, (n,), generator=g).tolist() + [EOS]
+        z1[b, : len(row)] = torch.tensor(row)
+        attn[b, : len(row)] = True
+        fixed[b, : len(head)] = True
+        fixed[b, len(row) - 1] = True
+        prompts.append(head)
+    return {"input_ids": z1, "fixed": fixed, "attention_mask": attn}, prompts
+
+
+def test_compute_loss_is_finite_and_seeded():
+    model = tiny()
+    b, _ = batch()
+    loss, logs = model.compute_loss(b, generator=torch.Generator().manual_seed(0))
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
+    assert set(logs) == {"loss_unmask", "loss_insert", "masked_token_acc"}
+    torch.testing.assert_close(logs["loss_unmask"] + logs["loss_insert"], loss.detach())
+    again, _ = model.compute_loss(b, generator=torch.Generator().manual_seed(0))
+    other, _ = model.compute_loss(b, generator=torch.Generator().manual_seed(1))
+    assert again.item() == loss.item()
+    assert other.item() != loss.item()
+    assert 0.0 <= logs["masked_token_acc"].item() <= 1.0
+
+
+def test_compute_loss_matches_manual_reconstruction():
+    """Rebuild FlexMDM's loss from the forward process: (1/(B L)) [sum_masked lambda_um(t) CE
+    + sum_{allowed gaps} lambda_in(t) D(|G_j|, g_j)], allowed = real gaps not left of prompt/BOS."""
+    model = tiny()
+    b, prompts = batch()
+    z1, fixed, attn = b["input_ids"], b["fixed"], b["attention_mask"]
+    B, L = z1.shape
+    loss, _ = model.compute_loss(b, generator=torch.Generator().manual_seed(5))
+
+    g = torch.Generator().manual_seed(5)
+    t = stratified_times(B, model.time_eps, generator=g)
+    t_in, t_um = sample_event_times(z1.shape, model.insertion, model.unmasking, generator=g)
+    st = partial_state(z1, fixed, attn, t, t_in, t_um, MASK, PAD)
+    with torch.no_grad():
+        logits, gap_pred = model(st.x, t, st.valid)
+    total = 0.0
+    for r in range(B):
+        lam = 1.0 / (1.0 - t[r].item())  # linear schedules: both hazards are 1 / (1 - t)
+        n_head = len(prompts[r])
+        for j in range(st.lengths[r].item()):
+            if st.is_mask[r, j]:
+                total += lam * F.cross_entropy(logits[r, j], st.target[r, j]).item()
+            if j >= n_head:  # gaps of generated tokens and of EOS; never left of prompt/BOS
+                total += bregman_rate(st.gap[r, j] * lam, gap_pred[r, j] * lam).item()
+            else:
+                assert st.gap[r, j].item() == 0
+    assert loss.item() == pytest.approx(total / (B * L), rel=1e-4)
+
+
+def test_masked_token_accuracy_counts_only_masked_positions():
+    model = tiny()
+    # Make the token head always predict token 7: accuracy = fraction of masked targets equal to 7.
+    with torch.no_grad():
+        model.token_head.out.bias[7] = 100.0
+    b, _ = batch()
+    z1 = b["input_ids"]
+    b["input_ids"] = torch.where(b["fixed"] | ~b["attention_mask"], z1, torch.full_like(z1, 7))
+    _, logs = model.compute_loss(b, generator=torch.Generator().manual_seed(0))
+    assert logs["masked_token_acc"].item() == 1.0
+    b["input_ids"] = torch.where(b["fixed"] | ~b["attention_mask"], z1, torch.full_like(z1, 8))
+    _, logs = model.compute_loss(b, generator=torch.Generator().manual_seed(0))
+    assert logs["masked_token_acc"].item() == 0.0
+
+
+def test_distribution_head_loss():
+    model = tiny(insertion_head="distribution")
+    b, _ = batch()
+    loss, logs = model.compute_loss(b, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and loss > 0
+    # Uniform gap logits at init: the insertion term is lambda * log(MAXLEN + 1) per allowed gap.
+    assert logs["loss_insert"].item() > 0
+    x = b["input_ids"][:, :8]
+    valid = b["attention_mask"][:, :8]
+    logits, gap_out = model(x, torch.full((6,), 0.5), valid)
+    assert gap_out.shape == (6, 8, MAXLEN + 1)
+    torch.testing.assert_close(model.expected_gap(gap_out), torch.full((6, 8), MAXLEN / 2))
+
+
+def test_initial_rates():
+    model = tiny()
+    b, _ = batch()
+    x, valid = b["input_ids"], b["attention_mask"]
+    t = torch.tensor([0.0, 0.25, 0.5, 0.75, 0.9, 0.99])
+    logits, ins, um = model.rates(x, t, valid)
+    assert logits.shape == (6, MAXLEN, TOK.vocab_size)
+    assert ins.shape == um.shape == (6, MAXLEN)
+    lam = 1.0 / (1.0 - t)
+    torch.testing.assert_close(um, lam[:, None].expand(6, MAXLEN))
+    # Expected gap head starts at softplus(-2) everywhere.
+    torch.testing.assert_close(ins, (F.softplus(torch.tensor(-2.0)) * lam)[:, None].expand(6, MAXLEN))
+    assert (logits == 0).all()  # uniform token head at init
+
+
+def check_samples(out, fixed, b, prompts):
+    x_in = b["input_ids"]
+    B = x_in.shape[0]
+    assert out.shape[0] == B and out.shape[1] <= MAXLEN
+    assert not (out == MASK).any()
+    for r in range(B):
+        row = out[r].tolist()
+        n = sum(v != PAD for v in row)
+        assert all(v != PAD for v in row[:n]) and all(v == PAD for v in row[n:])
+        head = prompts[r]
+        assert row[: len(head)] == head  # fixed prompt and BOS intact, at the start
+        assert row[n - 1] == EOS
+        assert all(v >= TOK.num_special for v in row[len(head) : n - 1])
+        assert [v for v, f in zip(row, fixed[r].tolist()) if f] == head + [EOS]
+
+
+def test_sample_untrained_model_keeps_prompt_and_fills_masks():
+    model = tiny()
+    b, prompts = batch()
+    out, fixed = model.sample(b, generator=torch.Generator().manual_seed(0))
+    check_samples(out, fixed, b, prompts)
+
+
+def test_sample_with_large_insertion_rate_and_confidence():
+    model = tiny(sampler=SamplerConfig(steps=12, confidence="top_prob", top_p=0.9))
+    with torch.no_grad():
+        model.gap_head.mlp[2].bias.fill_(3.0)  # expected gap ~3 everywhere: fills up to max_length
+    b, prompts = batch()
+    out, fixed = model.sample(b, generator=torch.Generator().manual_seed(1))
+    check_samples(out, fixed, b, prompts)
+    lengths = (out != PAD).sum(1)
+    assert (lengths <= MAXLEN).all()
+    assert (lengths > torch.tensor([len(p) + 1 for p in prompts])).all()
+
+
+def test_sample_is_seeded():
+    model = tiny()
+    with torch.no_grad():
+        model.gap_head.mlp[2].bias.fill_(1.0)
+    b, _ = batch()
+    a, _ = model.sample(b, generator=torch.Generator().manual_seed(3))
+    a2, _ = model.sample(b, generator=torch.Generator().manual_seed(3))
+    c, _ = model.sample(b, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, a2)
+    assert not torch.equal(a, c)
+
+
+def test_sampler_settings_and_schedules_from_config():
+    model = tiny(insertion_schedule="poly:2", unmasking_schedule="cosine")
+    assert model.insertion.name == "poly:2" and model.unmasking.name == "cosine"
+    assert model.sampler_settings()["steps"] == 16
+    b, _ = batch()
+    loss, _ = model.compute_loss(b, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [
+        ({"insertion_head": "poisson"}, "model.insertion_head"),
+        ({"time_eps": 0.5}, "model.time_eps"),
+        ({"time_eps": -0.1}, "model.time_eps"),
+        ({"insertion_schedule": "sqrt"}, "model.insertion_schedule"),
+        ({"unmasking_schedule": "poly:x"}, "model.unmasking_schedule"),
+    ],
+)
+def test_invalid_arguments_name_the_key(kwargs, word):
+    with pytest.raises(ValueError, match=word.replace(".", r"\.")):
+        tiny(**kwargs)
+
+
+def test_loss_gradient_flows_to_gap_head_with_the_right_sign():
+    """The initial gap prediction (0.13) is below every non-empty gap: one step raises it on average."""
+    model = tiny().train()
+    b, _ = batch(prompt_lens=(1,) * 8, target_lens=(12,) * 8)
+    loss, _ = model.compute_loss(b, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert model.gap_head.mlp[2].bias.grad.item() < 0
+    assert math.isfinite(model.gap_head.mlp[2].bias.grad.item())
