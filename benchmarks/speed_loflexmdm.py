@@ -14,6 +14,7 @@ Run: ``python benchmarks/speed_loflexmdm.py [--repeats 15] [--order-width 256]``
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -23,11 +24,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import count_flops  # noqa: E402
+from common import count_flops
 
-from insertion_diffusion.data.star import StarGraphDataModule  # noqa: E402
-from insertion_diffusion.models import FlexMDM, LoFlexMDM  # noqa: E402
-from insertion_diffusion.nn.transformer import TransformerConfig  # noqa: E402
+from insertion_diffusion.data.star import StarGraphDataModule
+from insertion_diffusion.models import FlexMDM, LoFlexMDM
+from insertion_diffusion.nn.transformer import TransformerConfig
 
 REFERENCE = {"FlexMDM": 0.48, "LoFlexMDM": 1.20}
 
@@ -59,7 +60,9 @@ def main() -> None:
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-        def step(model=model, opt=opt, it=iter(range(10**9))) -> None:
+        counter = itertools.count()
+
+        def step(model=model, opt=opt, it=counter) -> None:
             loss, _ = model.compute_loss(batches[next(it) % len(batches)])
             opt.zero_grad(set_to_none=True)
             loss.backward()

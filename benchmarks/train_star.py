@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=500)
     ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--no-abs-pos", action="store_true", help="rotary positions only (no absolute embedding)")
+    ap.add_argument("--insert-weight", type=float, default=0.1)
     ap.add_argument("--val-every", type=int, default=1000)
     ap.add_argument("--val-steps", type=int, default=64, help="sampler steps during validation")
     ap.add_argument("--test-steps", type=int, default=128, help="sampler steps at test")
@@ -85,13 +87,14 @@ def main() -> None:
     dm = StarGraphDataModule(preset=args.preset, data_dir=os.path.join(args.out, "..", "data"),
                              num_test=args.num_test, batch_size=args.batch_size, eval_batch_size=256)
     backbone = TransformerConfig(num_layers=args.layers, d_model=args.width, num_heads=args.heads,
-                                 d_cond=min(128, args.width), dropout=args.dropout)
-    extra = {}
+                                 d_cond=min(128, args.width), dropout=args.dropout,
+                                 absolute_positions=not args.no_abs_pos)
+    extra = {"insert_weight": args.insert_weight}
     if args.method == "loflexmdm":
-        extra = {"order_backbone": TransformerConfig(num_layers=args.order_layers, d_model=args.width,
-                                                     num_heads=args.heads, d_cond=min(128, args.width),
-                                                     dropout=args.dropout),
-                 "order_lr": args.order_lr}
+        extra["order_backbone"] = TransformerConfig(num_layers=args.order_layers, d_model=args.width,
+                                                    num_heads=args.heads, d_cond=min(128, args.width),
+                                                    dropout=args.dropout, absolute_positions=not args.no_abs_pos)
+        extra["order_lr"] = args.order_lr
     model = METHODS[args.method](
         dm.tokenizer, dm.max_length, backbone=backbone, lr=args.lr, warmup_steps=args.warmup,
         sampler=SamplerConfig(steps=args.val_steps, top_k=1, confidence=args.confidence), **extra,

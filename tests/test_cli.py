@@ -26,20 +26,34 @@ PROVENANCE_KEYS = {"method", "checkpoint", "sampler", "seed", "package_version"}
 
 def tiny_args(tmp_path: Path) -> list[str]:
     return [
-        "--data.num_train", "128",
-        "--data.num_val", "8",
-        "--data.num_test", str(NUM_TEST),
-        "--data.data_dir", str(tmp_path / "data"),
-        "--trainer.max_steps", "6",
-        "--trainer.val_check_interval", "3",
-        "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-        "--trainer.logger.init_args.version", "run0",
-        "--model.sampler.steps", "4",
-        "--model.backbone.num_layers", "1",
-        "--model.backbone.d_model", "32",
-        "--model.backbone.d_cond", "32",
+        "--data.num_train",
+        "128",
+        "--data.num_val",
+        "8",
+        "--data.num_test",
+        str(NUM_TEST),
+        "--data.data_dir",
+        str(tmp_path / "data"),
+        "--trainer.max_steps",
+        "6",
+        "--trainer.val_check_interval",
+        "3",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
+        "--trainer.logger.init_args.version",
+        "run0",
+        "--model.sampler.steps",
+        "4",
+        "--model.backbone.num_layers",
+        "1",
+        "--model.backbone.d_model",
+        "32",
+        "--model.backbone.d_cond",
+        "32",
     ]
 
 
@@ -48,9 +62,15 @@ def run_cli(args: list[str], cwd: Path, **env_extra: str) -> subprocess.Complete
     env.setdefault("OMP_NUM_THREADS", "1")
     proc = subprocess.run(
         [sys.executable, "-m", "insertion_diffusion", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    assert proc.returncode == 0, f"insertion-diffusion {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"insertion-diffusion {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
     return proc
 
 
@@ -96,7 +116,7 @@ def test_test_then_predict_from_saved_config(fitted):
     # Both re-use the fit's log dir (the saved config names version run0): config.yaml is overwritten, not refused.
     proc = run_cli(["test", "--config", config, "--ckpt_path", ckpt], cwd=tmp)
     assert "test/exact_match" in proc.stdout
-    assert "verbose" in (log_dir / "config.yaml").read_text()  # the test run's own config replaced the fit's
+    assert (log_dir / "config.yaml").is_file()
     run_cli(["predict", "--config", config, "--ckpt_path", ckpt], cwd=tmp)
     check_predictions(read_jsonl(log_dir / "predictions.jsonl"), ckpt)
 
@@ -106,30 +126,48 @@ def test_predictions_output_path(fitted, tmp_path, monkeypatch):
     ckpt = str(fitted["ckpt"])
     monkeypatch.setattr("sys.argv", ["insertion-diffusion"])
     monkeypatch.chdir(fitted["tmp"])
-    main(["predict", "--config", str(fitted["config"]), "--ckpt_path", ckpt, "--predictions.output_path", str(out)])
+    main(
+        [
+            "predict",
+            "--config",
+            str(fitted["config"]),
+            "--ckpt_path",
+            ckpt,
+            "--predictions.output_path",
+            str(out),
+        ]
+    )
     check_predictions(read_jsonl(out), ckpt)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SystemExit,
-    reason="a test/validate run saves its own config (with `verbose`) over the fit's config.yaml in the same log "
-    "dir, so `predict --config <log_dir>/config.yaml` then fails: \"Subcommand 'predict' does not accept option "
-    "'verbose'\" (fix: save non-fit configs as config_<subcommand>.yaml in cli.py)",
-)
-def test_saved_config_stays_usable_after_test_rerun(fitted, tmp_path, monkeypatch):
+def test_test_run_keeps_the_fit_config_usable(fitted, tmp_path, monkeypatch):
+    """A test run logging into the fit's directory saves config_test.yaml and leaves config.yaml (the fit's,
+    which later commands reuse) untouched, so predict --config <log_dir>/config.yaml still works."""
     monkeypatch.setattr("sys.argv", ["insertion-diffusion"])
     monkeypatch.chdir(fitted["tmp"])
     ckpt = str(fitted["ckpt"])
-    main(["test", "--config", str(fitted["config"]), "--ckpt_path", ckpt, "--trainer.logger.init_args.version", "rerun"])
-    rerun_config = fitted["tmp"] / "runs" / "star-easy-flexmdm" / "rerun" / "config.yaml"
+    saved = fitted["log_dir"] / "config.yaml"
+    before = saved.read_text()
+    main(["test", "--config", str(saved), "--ckpt_path", ckpt,
+          "--trainer.logger.init_args.version", fitted["log_dir"].name])
+    assert saved.read_text() == before
+    assert (fitted["log_dir"] / "config_test.yaml").is_file()
     out = tmp_path / "preds.jsonl"
-    main(["predict", "--config", str(rerun_config), "--ckpt_path", ckpt, "--predictions.output_path", str(out)])
+    main(["predict", "--config", str(saved), "--ckpt_path", ckpt, "--predictions.output_path", str(out)])
     assert out.is_file()
 
 
+def test_ckpt_path_last_is_refused_outside_fit(fitted, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["insertion-diffusion"])
+    monkeypatch.chdir(fitted["tmp"])
+    with pytest.raises(ValueError, match="pass the checkpoint file"):
+        main(["test", "--config", str(fitted["config"]), "--ckpt_path", "last"])
+
+
 def test_help_exits_zero(tmp_path):
-    exe = shutil.which("insertion-diffusion", path=str(Path(sys.executable).parent)) or shutil.which("insertion-diffusion")
+    exe = shutil.which("insertion-diffusion", path=str(Path(sys.executable).parent)) or shutil.which(
+        "insertion-diffusion"
+    )
     cmd = [exe] if exe else [sys.executable, "-m", "insertion_diffusion"]
     proc = subprocess.run([*cmd, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -116,7 +116,9 @@ def test_config_instantiates(path: Path, tmp_path: Path, monkeypatch: pytest.Mon
     for key, value in trainer_cfg.items():
         if key in ("accelerator", "devices", "logger", "callbacks"):
             continue
-        assert cli.config.trainer[key] == value, f"{_rel(path)}: trainer.{key} did not reach the Trainer config"
+        assert cli.config.trainer[key] == value, (
+            f"{_rel(path)}: trainer.{key} did not reach the Trainer config"
+        )
     model, dm = cli.model, cli.datamodule
     assert model is not None and dm is not None
     # the CLI links the DataModule's tokenizer and max length into the model

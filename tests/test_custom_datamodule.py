@@ -33,15 +33,15 @@ def code_block(language: str) -> str:
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory) -> Path:
-    """``my_task.py``, ``reverse.yaml`` and a small ``reverse.tsv`` written from the docs page."""
+    """``my_task.py``, ``letters.yaml`` and a small ``letters.tsv`` written from the docs page."""
     tmp = tmp_path_factory.mktemp("custom")
     (tmp / "my_task.py").write_text(code_block("python"))
-    (tmp / "reverse.yaml").write_text(code_block("yaml"))
-    # the docs' data step (`python my_task.py reverse.tsv`), in-process and smaller: 200 lines suffice here
+    (tmp / "letters.yaml").write_text(code_block("yaml"))
+    # the docs' data step (`python my_task.py letters.tsv`), in-process and smaller: 200 lines suffice here
     spec = importlib.util.spec_from_file_location("_my_task_from_docs", tmp / "my_task.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.write_examples(str(tmp / "reverse.tsv"), num_examples=200)
+    module.write_examples(str(tmp / "letters.tsv"), num_examples=200)
     return tmp
 
 
@@ -58,18 +58,24 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env.setdefault("OMP_NUM_THREADS", "1")
     proc = subprocess.run(
         [sys.executable, "-m", "insertion_diffusion", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    assert proc.returncode == 0, f"insertion-diffusion {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"insertion-diffusion {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
     return proc
 
 
 def test_data_file_and_splits(task_dir, my_task_importable):
-    lines = (task_dir / "reverse.tsv").read_text().splitlines()
+    lines = (task_dir / "letters.tsv").read_text().splitlines()
     assert len(lines) == 200
     prompt, target = lines[0].split("\t")
-    assert target.split() == prompt.split()[::-1]
-    dm = my_task_importable.ReverseDataModule("reverse.tsv", num_val=10, num_test=20)
+    assert target.split() == sorted(prompt.split())
+    dm = my_task_importable.SortDataModule("letters.tsv", num_val=10, num_test=20)
     dm.setup("fit")
     assert {k: len(v) for k, v in dm.datasets.items()} == {"test": 20, "val": 10, "train": 170}
     row = dm.datasets["train"][0]
@@ -88,30 +94,49 @@ def test_docs_yaml_instantiates(task_dir, my_task_importable, monkeypatch):
 
     monkeypatch.setattr(cli_mod, "InsertionDiffusionCLI", _NoRunCLI)
     monkeypatch.setattr("sys.argv", ["insertion-diffusion"])
-    cli_mod.main(["--config", "reverse.yaml"])
+    cli_mod.main(["--config", "letters.yaml"])
     cli = captured["cli"]
-    assert type(cli.datamodule).__name__ == "ReverseDataModule"
+    assert type(cli.datamodule).__name__ == "SortDataModule"
     assert type(cli.model).__name__ == "FlexMDM"
     assert cli.model.tokenizer == cli.datamodule.tokenizer
 
 
 def test_fit_then_test_with_custom_datamodule(task_dir):
     tiny = [
-        "--model.backbone.num_layers", "1",
-        "--model.backbone.d_model", "32",
-        "--model.backbone.d_cond", "32",
-        "--model.sampler.steps", "4",
-        "--data.num_val", "8",
-        "--data.num_test", "8",
-        "--trainer.max_steps", "4",
-        "--trainer.val_check_interval", "2",
-        "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.default_root_dir", "custom_runs",
+        "--model.backbone.num_layers",
+        "1",
+        "--model.backbone.d_model",
+        "32",
+        "--model.backbone.d_cond",
+        "32",
+        "--model.sampler.steps",
+        "4",
+        "--data.num_val",
+        "8",
+        "--data.num_test",
+        "8",
+        "--trainer.max_steps",
+        "4",
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        "custom_runs",
     ]
     run_cli(
-        ["fit", "--model", "FlexMDM", "--data.class_path", "my_task.ReverseDataModule",
-         "--data.data_file", "reverse.tsv", *tiny],
+        [
+            "fit",
+            "--model",
+            "FlexMDM",
+            "--data.class_path",
+            "my_task.SortDataModule",
+            "--data.data_file",
+            "letters.tsv",
+            *tiny,
+        ],
         cwd=task_dir,
     )
     log_dir = task_dir / "custom_runs" / "lightning_logs" / "version_0"

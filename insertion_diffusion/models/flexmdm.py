@@ -34,6 +34,8 @@ class FlexMDM(InsertionModel):
         insertion_head: "expectation" (predict the expected gap length; Bregman loss) or "distribution"
             (logits over gap lengths 0..max_length; cross-entropy, the rate uses its mean).
         time_eps: training times are stratified over ``[time_eps, 1 - time_eps]``.
+        insert_weight: weight of the insertion-rate term against the unmasking term (see
+            :mod:`insertion_diffusion.losses` for why it is below 1).
         sampler: settings of the tau-leaping sampler used for evaluation and prediction.
         **kwargs: optimiser and evaluation settings of :class:`GenerativeModule`.
     """
@@ -47,6 +49,7 @@ class FlexMDM(InsertionModel):
         unmasking_schedule: str = "linear",
         insertion_head: str = "expectation",
         time_eps: float = 1e-3,
+        insert_weight: float = 0.1,
         sampler: SamplerConfig | None = None,
         lr: float = 3e-4,
         weight_decay: float = 0.01,
@@ -72,6 +75,9 @@ class FlexMDM(InsertionModel):
         self.unmasking = make_schedule(unmasking_schedule, "model.unmasking_schedule")
         self.insertion_head = insertion_head
         self.time_eps = time_eps
+        if not insert_weight > 0:
+            raise ValueError(f"model.insert_weight must be > 0, got {insert_weight}")
+        self.insert_weight = insert_weight
         self.save_hyperparameters(ignore=["tokenizer", "max_length"])
         self.save_linked_hparams()
 
@@ -121,12 +127,14 @@ class FlexMDM(InsertionModel):
         lam_um = self.unmasking.hazard(t)[:, None]
         allowed = st.valid & (~st.fixed | (st.x == self.tokenizer.eos_id))
         if self.insertion_head == "expectation":
-            terms = rate_matching_terms(logits, st.target, st.is_mask, lam_um, st.gap * lam_in, gap_out * lam_in, allowed)
+            terms = rate_matching_terms(
+                logits, st.target, st.is_mask, lam_um, st.gap * lam_in, gap_out * lam_in, allowed, self.insert_weight
+            )
             insert = terms.insert
         else:
             terms = rate_matching_terms(logits, st.target, st.is_mask, lam_um, st.gap, st.gap, allowed)
             ce = F.cross_entropy(gap_out.flatten(0, 1), st.gap.long().clamp_max(self.max_length).flatten(), reduction="none")
-            insert = (lam_in * ce.view(B, -1) * allowed).sum()
+            insert = self.insert_weight * (lam_in * ce.view(B, -1) * allowed).sum()
         norm = B * L
         loss = (terms.unmask + insert) / norm
         logs = {

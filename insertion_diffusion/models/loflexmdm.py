@@ -53,6 +53,7 @@ class LoFlexMDM(InsertionModel):
         reg_mixture, reg_endpoint, reg_kl: weights of the three schedule regularisers.
         order_lr: learning rate of the order network (default: ``lr``).
         time_eps: training times are stratified over ``[time_eps, 1 - time_eps]``.
+        insert_weight: weight of the insertion-rate term (as in FlexMDM).
         sampler: tau-leaping settings for evaluation and prediction.
         **optimiser and evaluation settings**: as :class:`~insertion_diffusion.models.base.GenerativeModule`.
     """
@@ -79,6 +80,7 @@ class LoFlexMDM(InsertionModel):
         reg_kl: float = 1.0,
         order_lr: float | None = None,
         time_eps: float = 1e-3,
+        insert_weight: float = 0.1,
         sampler: SamplerConfig | None = None,
         lr: float = 3e-4,
         weight_decay: float = 0.01,
@@ -119,6 +121,9 @@ class LoFlexMDM(InsertionModel):
         self.reg_weights = {"mixture": reg_mixture, "endpoint": reg_endpoint, "kl": reg_kl}
         self.order_lr = order_lr
         self.time_eps = time_eps
+        if not insert_weight > 0:
+            raise ValueError(f"model.insert_weight must be > 0, got {insert_weight}")
+        self.insert_weight = insert_weight
         self.save_hyperparameters(ignore=["tokenizer", "max_length"])
         self.save_linked_hparams()
 
@@ -168,7 +173,9 @@ class LoFlexMDM(InsertionModel):
         target_in = st.gap_sums(b_in * h)
         target_um = torch.gather(b_um, 1, st.src) * h
         allowed = st.valid & (~st.fixed | (st.x == self.tokenizer.eos_id))
-        terms = rate_matching_terms(logits, st.target, st.is_mask, target_um, target_in, g_in * h, allowed)
+        terms = rate_matching_terms(
+            logits, st.target, st.is_mask, target_um, target_in, g_in * h, allowed, self.insert_weight
+        )
         per_row = terms.per_row
         if g_um is not None:
             per_row = per_row + (bregman_rate(target_um, g_um * h) * st.is_mask).sum(1)
@@ -207,7 +214,7 @@ class LoFlexMDM(InsertionModel):
 
         regs = schedule_regularizers(self.clock, b_in, noisy, generator=generator)
         if self.learn_b_um:
-            regs = {k: v + u for (k, v), u in zip(regs.items(), schedule_regularizers(self.clock, b_um, noisy).values())}
+            regs = {k: v + u for (k, v), u in zip(regs.items(), schedule_regularizers(self.clock, b_um, noisy, generator=generator).values())}
         reg = sum(self.reg_weights[k] * v for k, v in regs.items())
         loss = gen_loss + self.reinforce_weight * reinforce + reg
 
@@ -229,7 +236,7 @@ class LoFlexMDM(InsertionModel):
             }
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"LoFlexMDM loss is not finite ({float(loss)}); training stopped — the last saved checkpoint is "
+                f"LoFlexMDM loss is not finite ({float(loss.detach())}); training stopped — the last saved checkpoint is "
                 "untouched; lower model.lr / model.order_lr"
             )
         return loss, logs

@@ -247,3 +247,7 @@ class ScalarHead(nn.Module):
                 shift, scale = self.ada(cond.float()).chunk(2, dim=-1)
                 h = modulate(h, shift, scale)
             return self.mlp(h).squeeze(-1)
+
+
+# Checkpoints store this config in their hyper-parameters; allow torch's weights-only unpickler to load it.
+torch.serialization.add_safe_globals([TransformerConfig])

@@ -91,7 +91,7 @@ class KumaraswamyClock:
         b = b.float()
         if self.a == 1.0:
             return 1.0 / (1.0 + b)
-        lb = torch.lgamma(1.0 + 1.0 / self.a) + torch.lgamma(b) - torch.lgamma(1.0 + 1.0 / self.a + b)
+        lb = math.lgamma(1.0 + 1.0 / self.a) + torch.lgamma(b) - torch.lgamma(1.0 + 1.0 / self.a + b)
         return b * torch.exp(lb)
 
     def sample_times(
@@ -142,7 +142,8 @@ def schedule_regularizers(
     grid = (torch.arange(num_grid, device=b.device) + torch.rand((), device=b.device, generator=generator)) / num_grid
     F = clock.cdf(grid[None, None, :], b[..., None])  # (B, L, K)
     mix = (F * m[..., None]).sum(1) / n[:, None]
-    mixture = ((mix - grid[None, :]) ** 2).sum(1)
+    has = (m.sum(1) > 0).float()  # rows with no noisy token have no mixture to regularise
+    mixture = ((mix - grid[None, :]) ** 2).sum(1) * has
     f_lo = clock.cdf(torch.tensor(eps, device=b.device), b)
     f_hi = clock.cdf(torch.tensor(1.0 - eps, device=b.device), b)
     endpoint = ((torch.relu(f_lo - delta) ** 2 + torch.relu(1.0 - f_hi - delta) ** 2) * m).sum(1)
@@ -150,4 +151,4 @@ def schedule_regularizers(
     psi1 = torch.special.digamma(torch.ones((), device=b.device))
     kl_tok = math.log(a) + torch.log(bf) + ((a - 1.0) / a) * (psi1 - torch.special.digamma(bf + 1.0)) - (bf - 1.0) / bf
     kl = (kl_tok * m).sum(1) / n
-    return {"mixture": mixture.mean(), "endpoint": endpoint.mean(), "kl": kl.mean()}
+    return {"mixture": mixture.sum() / has.sum().clamp_min(1.0), "endpoint": endpoint.mean(), "kl": kl.mean()}

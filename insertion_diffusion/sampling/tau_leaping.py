@@ -193,3 +193,7 @@ def tau_leaping(
         insert_step = torch.where(new_mask, torch.full_like(x, step), insert_step)
 
     return SampleOutput(x=x, fixed=fixed, lengths=lengths, unmask_step=unmask_step, insert_step=insert_step)
+
+
+# Checkpoints store this config in their hyper-parameters; allow torch's weights-only unpickler to load it.
+torch.serialization.add_safe_globals([SamplerConfig])

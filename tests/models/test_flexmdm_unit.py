@@ -73,7 +73,7 @@ def test_compute_loss_is_finite_and_seeded():
 
 def test_compute_loss_matches_manual_reconstruction():
     """Rebuild FlexMDM's loss from the forward process: (1/(B L)) [sum_masked lambda_um(t) CE
-    + sum_{allowed gaps} lambda_in(t) D(|G_j|, g_j)], allowed = real gaps not left of prompt/BOS."""
+    + insert_weight sum_{allowed gaps} lambda_in(t) D(|G_j|, g_j)], allowed = real gaps not left of prompt/BOS."""
     model = tiny()
     b, prompts = batch()
     z1, fixed, attn = b["input_ids"], b["fixed"], b["attention_mask"]
@@ -94,7 +94,7 @@ def test_compute_loss_matches_manual_reconstruction():
             if st.is_mask[r, j]:
                 total += lam * F.cross_entropy(logits[r, j], st.target[r, j]).item()
             if j >= n_head:  # gaps of generated tokens and of EOS; never left of prompt/BOS
-                total += bregman_rate(st.gap[r, j] * lam, gap_pred[r, j] * lam).item()
+                total += model.insert_weight * bregman_rate(st.gap[r, j] * lam, gap_pred[r, j] * lam).item()
             else:
                 assert st.gap[r, j].item() == 0
     assert loss.item() == pytest.approx(total / (B * L), rel=1e-4)

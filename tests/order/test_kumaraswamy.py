@@ -121,15 +121,7 @@ def test_time_change_is_finite_at_the_ends():
         torch.testing.assert_close(clock.inverse_time_change(clock.time_change(t)), t, rtol=1e-4, atol=1e-5)
 
 
-EXPECTED_TIME_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="BUG: KumaraswamyClock.expected_time calls torch.lgamma on a python float for a != 1 "
-    "(kumaraswamy.py:94); use math.lgamma(1.0 + 1.0 / self.a) for the constant terms",
-)
-
-
-@pytest.mark.parametrize("a", [pytest.param(a, marks=() if a == 1.0 else EXPECTED_TIME_BUG) for a in A_VALUES])
+@pytest.mark.parametrize("a", A_VALUES)
 def test_expected_time_matches_integral_and_monte_carlo(a):
     clock = KumaraswamyClock(a)
     bs = torch.tensor([0.3, 1.0, 1.01, 3.0, 20.0])
@@ -403,11 +395,6 @@ def test_regularizers_vanish_at_uniform():
         assert v.ndim == 0 and abs(v.item()) < 1e-6, (k, v)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a row without valid tokens adds sum_k grid_k^2 (~33) to the mixture regulariser; weight the "
-    "per-row mixture by (valid.sum(1) > 0) in schedule_regularizers (kumaraswamy.py)",
-)
 def test_mixture_regularizer_ignores_rows_without_valid_tokens():
     clock = KumaraswamyClock(1.0)
     b = torch.ones(3, 6, requires_grad=True)

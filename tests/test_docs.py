@@ -1,0 +1,55 @@
+"""The documentation site builds with ``mkdocs build --strict`` (broken links, anchors and nav entries fail)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mkdocs_command() -> list[str]:
+    exe = shutil.which("mkdocs", path=str(Path(sys.executable).parent)) or shutil.which("mkdocs")
+    if exe:
+        return [exe]
+    pytest.importorskip("mkdocs")
+    return [sys.executable, "-m", "mkdocs"]
+
+
+def test_mkdocs_build_strict(tmp_path):
+    pytest.importorskip("material", reason="mkdocs-material is not installed (pip install -e '.[docs]')")
+    cmd = [
+        *_mkdocs_command(),
+        "build",
+        "--strict",
+        "--config-file",
+        str(ROOT / "mkdocs.yml"),
+        "-d",
+        str(tmp_path / "site"),
+    ]
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert (tmp_path / "site" / "index.html").is_file()
+    assert (tmp_path / "site" / "custom_data" / "index.html").is_file()
+
+
+def test_readme_links_exist():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    for target in (
+        "docs/index.md",
+        "docs/installation.md",
+        "docs/concepts.md",
+        "docs/star_graphs.md",
+        "docs/cli.md",
+        "docs/custom_data.md",
+        "docs/results.md",
+        "scripts/main_job.sh",
+    ):
+        assert target in text
+        assert (ROOT / target).is_file(), f"README names {target}, which does not exist"
