@@ -8,6 +8,7 @@ user's own DataModule (``--data.class_path my_pkg.MyData``) needs nothing else c
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -60,8 +61,50 @@ class InsertionDiffusionCLI(LightningCLI):
         parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")
 
 
+# Errors that mean "bad input or setting" rather than a bug: shown as one line, not a traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def _raised_here(err: BaseException) -> bool:
+    tb = err.__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and f"{os.sep}insertion_diffusion{os.sep}" in last.tb_frame.f_code.co_filename
+
+
+def _user_error(err: BaseException) -> BaseException | None:
+    """The user error to show from an exception chain: the outermost one raised by this package (ours carry
+    the key and the fix; jsonargparse wraps them while instantiating), else the innermost user error."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    ours = [e for e in chain if isinstance(e, USER_ERRORS) and _raised_here(e)]
+    if ours:
+        return ours[0]
+    users = [e for e in chain if isinstance(e, USER_ERRORS)]
+    return users[-1] if users else None
+
+
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of the console script and ``python -m insertion_diffusion``."""
+    """Entry point of the console script and ``python -m insertion_diffusion``.
+
+    A bad value or file ends the run with ``insertion-diffusion: error: <message>`` and exit code 2; set
+    ``INSERTION_DIFFUSION_DEBUG=1`` for the full traceback.
+    """
+    try:
+        _run(args)
+    except Exception as err:
+        user = _user_error(err)
+        if user is None or os.environ.get("INSERTION_DIFFUSION_DEBUG"):
+            raise
+        print(f"insertion-diffusion: error: {user}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(args: Sequence[str] | None) -> None:
     InsertionDiffusionCLI(
         model_class=L.LightningModule,
         datamodule_class=L.LightningDataModule,

@@ -157,11 +157,13 @@ def test_test_run_keeps_the_fit_config_usable(fitted, tmp_path, monkeypatch):
     assert out.is_file()
 
 
-def test_ckpt_path_last_is_refused_outside_fit(fitted, monkeypatch):
+def test_ckpt_path_last_is_refused_outside_fit(fitted, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["insertion-diffusion"])
     monkeypatch.chdir(fitted["tmp"])
-    with pytest.raises(ValueError, match="pass the checkpoint file"):
+    with pytest.raises(SystemExit) as exc:
         main(["test", "--config", str(fitted["config"]), "--ckpt_path", "last"])
+    assert exc.value.code == 2
+    assert "pass the checkpoint file" in capsys.readouterr().err
 
 
 def test_help_exits_zero(tmp_path):
@@ -183,3 +185,33 @@ def test_print_config_with_short_class_name(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "class_path: insertion_diffusion.models.FlexMDM" in out
     assert "class_path: insertion_diffusion.data.StarGraphDataModule" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--data.init_args.preset", "extreme"], "set data.preset to one of ['easy', 'hard', 'medium']"),
+        (["--data.init_args.max_length", "20"], "raise data.max_length to >= 36"),
+        (["--model.init_args.insertion_schedule", "sigmoid"], "allowed values: linear, cosine, poly:<exponent>"),
+    ],
+)
+def test_bad_values_end_with_one_clear_line(args, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["insertion-diffusion"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(EASY), "--data.init_args.data_dir", str(tmp_path / "d"), *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "insertion-diffusion: error:" in err and expected in err
+
+
+def test_unwritable_data_dir_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["insertion-diffusion"])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(EASY), "--data.init_args.data_dir", str(tmp_path / "afile" / "sub"),
+              "--trainer.max_steps", "1", "--trainer.logger", "false"])
+    assert exc.value.code == 2
+    assert "choose a writable data.data_dir" in capsys.readouterr().err

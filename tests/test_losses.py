@@ -10,16 +10,6 @@ import torch.nn.functional as F
 
 from insertion_diffusion.losses import RATE_CLAMP, LossTerms, bregman_rate, rate_matching_terms
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster, especially on shared, busy CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # bregman_rate
 

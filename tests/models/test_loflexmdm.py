@@ -25,15 +25,6 @@ from insertion_diffusion.process.insertion import (
 from insertion_diffusion.sampling import SamplerConfig
 from insertion_diffusion.tokenizers import IntegerTokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TOK = IntegerTokenizer(10)
 PAD, MASK, BOS, EOS = TOK.pad_id, TOK.mask_id, TOK.bos_id, TOK.eos_id
 MAXLEN = 16

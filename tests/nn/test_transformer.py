@@ -16,16 +16,6 @@ from insertion_diffusion.nn.transformer import (
     rotary_tables,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster, especially on shared, busy CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 V = 17
 CFG = TransformerConfig(num_layers=2, d_model=32, num_heads=2, d_cond=16, dropout=0.0)
 

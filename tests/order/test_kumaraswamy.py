@@ -11,15 +11,6 @@ import torch
 
 from insertion_diffusion.order.kumaraswamy import KumaraswamyClock, log1mexp, log_g, schedule_regularizers
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 A_VALUES = (0.5, 1.0, 2.0, 5.0)
 B_VALUES = (0.3, 1.0, 1.01, 2.5, 10.0)
 

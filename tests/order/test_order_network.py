@@ -11,14 +11,6 @@ from insertion_diffusion.nn.transformer import Transformer, TransformerConfig
 from insertion_diffusion.order.network import BoundedRate, OrderNetwork
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

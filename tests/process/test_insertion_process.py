@@ -19,16 +19,6 @@ from insertion_diffusion.process.insertion import (
 )
 from insertion_diffusion.schedules import LinearSchedule, make_schedule
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster, especially on shared, busy CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 PAD, MASK, BOS, EOS = 0, 1, 2, 3
 
 

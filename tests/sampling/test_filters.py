@@ -15,15 +15,6 @@ from insertion_diffusion.sampling.filters import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster, especially on shared, busy CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _logits(B=64, V=12, seed=0, scale=2.0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(B, V, generator=g) * scale

@@ -10,16 +10,6 @@ import torch
 from insertion_diffusion.sampling import SamplerConfig, tau_leaping
 from insertion_diffusion.sampling.tau_leaping import insert_masks
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster, especially on shared, busy CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 PAD, MASK, BOS, EOS = 0, 1, 2, 3
 SPECIALS = (PAD, MASK, BOS, EOS)
 V = 14
