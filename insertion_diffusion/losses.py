@@ -52,7 +52,9 @@ class LossTerms:
     Attributes:
         unmask: sum of rate-weighted cross-entropies at masked positions (scalar).
         insert: sum of Bregman insertion terms over allowed gaps (scalar).
-        per_row: (B,) sum of both terms per row (for REINFORCE-style estimators).
+        per_row: (B,) sum of both terms per row.
+        unmask_rows: (B,) the unmasking term per row; insert_rows: (B,) the insertion term per row.
+        masked_rows: (B,) number of masked positions per row.
         num_masked: number of masked positions (scalar tensor).
         correct: number of masked positions where argmax K equals the clean token.
     """
@@ -60,6 +62,9 @@ class LossTerms:
     unmask: Tensor
     insert: Tensor
     per_row: Tensor
+    unmask_rows: Tensor
+    insert_rows: Tensor
+    masked_rows: Tensor
     num_masked: Tensor
     correct: Tensor
 
@@ -96,5 +101,6 @@ def rate_matching_terms(
         correct = ((logits.argmax(-1) == target) & is_mask).sum()
     return LossTerms(
         unmask=unmask_rows.sum(), insert=insert_rows.sum(), per_row=unmask_rows + insert_rows,
+        unmask_rows=unmask_rows, insert_rows=insert_rows, masked_rows=is_mask.sum(1),
         num_masked=is_mask.sum(), correct=correct,
     )

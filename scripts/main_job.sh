@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The main job: train FlexMDM on star-easy, then test the checkpoint that run produced.
+# The main job: train LoFlexMDM on star-easy, then test the checkpoint that run produced.
 #
 #   scripts/main_job.sh [CONFIG] [extra fit options ...]
 #
-# CONFIG defaults to configs/star/easy_flexmdm.yaml. Extra options (e.g. --trainer.max_steps 100) go to fit;
+# CONFIG defaults to configs/star/easy_loflexmdm.yaml. Extra options (e.g. --trainer.max_steps 100) go to fit;
 # test reads them back from the config.yaml that fit saved. Each run gets its own log directory <save_dir>/<name>/main-<timestamp>/, so the test always loads
 # the last.ckpt of the fit that just finished (`--ckpt_path last` would not find it from a new process).
 set -euo pipefail
 
-config="configs/star/easy_flexmdm.yaml"
+config="configs/star/easy_loflexmdm.yaml"
 if [[ $# -gt 0 && "$1" != --* ]]; then
   config="$1"
   shift

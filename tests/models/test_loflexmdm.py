@@ -289,21 +289,28 @@ def test_compute_loss_matches_manual_reconstruction(learn_b_um):
         assert (g_um is not None) == learn_b_um
         h = lo.clock.h(t2)
         # per-row loss by an explicit loop over x_t
-        rows = []
+        rows, rewards = [], []
         for r in range(2 * B):
             tot = torch.zeros(())
+            um = torch.zeros(())
+            n_mask = 0
             prev = -1
             for j in range(int(st.lengths[r])):
                 s = int(st.src[r, j])
                 lam_gap = sum(bi2[r, i] * h[r] for i in range(prev + 1, s))
                 prev = s
                 if st.is_mask[r, j]:
-                    tot = tot + bu2[r, s] * h[r] * torch.nn.functional.cross_entropy(logits[r, j], z1[r % B, s])
+                    ce_term = bu2[r, s] * h[r] * torch.nn.functional.cross_entropy(logits[r, j], z1[r % B, s])
                     if learn_b_um:
-                        tot = tot + bregman_rate(bu2[r, s] * h[r], g_um[r, j] * h[r])
+                        ce_term = ce_term + bregman_rate(bu2[r, s] * h[r], g_um[r, j] * h[r])
+                    tot = tot + ce_term
+                    um = um + ce_term
+                    n_mask += 1
                 if not st.fixed[r, j] or st.x[r, j] == EOS:
                     tot = tot + lo.insert_weight * bregman_rate(torch.as_tensor(lam_gap), g_in[r, j] * h[r])
             rows.append(tot / L)
+            # REINFORCE reward (per_mask): unmasking term per mask + insertion term / L
+            rewards.append(um / max(1, n_mask) + (tot - um) / L)
         rows = torch.stack(rows)
         gen = 0.5 * (rows[:B] + rows[B:]).mean()
         # log p(z_t | z1) by a loop over noisy positions
@@ -313,7 +320,8 @@ def test_compute_loss_matches_manual_reconstruction(learn_b_um):
             for i in range(L):
                 if noisy[r % B, i]:
                     logp[r] += lps[int(st.state[r, i])][r, i]
-        reinforce = 0.5 * ((rows[:B] - rows[B:]) * (logp[:B] - logp[B:])).mean()
+        rewards = torch.stack(rewards)
+        reinforce = 0.5 * ((rewards[:B] - rewards[B:]) * (logp[:B] - logp[B:])).mean()
         regs = schedule_regularizers(lo.clock, b_in, noisy, generator=g)
         if learn_b_um:  # the b_um part's grid offset is not reproduced here: check its endpoint/KL parts only
             regs_um = schedule_regularizers(lo.clock, b_um, noisy)
@@ -652,3 +660,20 @@ def test_flexmdm_checkpoint_file_through_the_trainer(tmp_path):
     with pytest.raises(ValueError, match="--model FlexMDM") as err:
         trainer.validate(tiny(), dataloaders=[b], ckpt_path=str(path), verbose=False)
     assert "LoFlexMDM" in str(err.value)
+
+
+def test_reinforce_reward_is_per_mask_by_default_and_validated():
+    """A state's REINFORCE reward averages the unmasking term over its masks, so fewer masks alone is not
+    'easier' (summing over masks drives every b_in to order_b_min)."""
+    lo = tiny(seed=0, a=1.0)
+    from insertion_diffusion.losses import LossTerms
+
+    z = torch.zeros(())
+    terms = LossTerms(unmask=z, insert=z, per_row=z, unmask_rows=torch.tensor([4.0, 1.0]),
+                      insert_rows=torch.tensor([0.5, 0.5]), masked_rows=torch.tensor([4, 1]), num_masked=z, correct=z)
+    # equal per-mask difficulty: the same reward although row 0 has four times the masks
+    assert torch.allclose(lo.difficulty(terms, L=10), torch.tensor([1.05, 1.05]))
+    lo.advantage_normalization = "per_token"
+    assert torch.allclose(lo.difficulty(terms, L=10), torch.tensor([0.45, 0.15]))
+    with pytest.raises(ValueError, match="advantage_normalization"):
+        tiny(seed=0, a=1.0, advantage_normalization="per_row")
