@@ -67,9 +67,14 @@ def main() -> None:
 
     model.eval()
     gen = torch.Generator().manual_seed(0)
-    # Sampler cost: a whole run of S steps, divided by S (initial state grows from prompt to full length).
-    sample_flops = count_flops(lambda: model.sample(batch, gen)) / args.sampler_steps
-    sample_s = median_seconds(lambda: model.sample(batch, gen), max(3, args.repeats // 5), warmup=1) / args.sampler_steps
+    # Sampler cost: a whole run of S steps, divided by S (initial state grows from prompt to full length);
+    # with the network run on the batch's current width (trim) and on the full max_length, same process.
+    sampler = {}
+    for trim in (True, False):
+        model.sampler_cfg = SamplerConfig(steps=args.sampler_steps, trim=trim)
+        flops = count_flops(lambda: model.sample(batch, gen)) / args.sampler_steps
+        sec = median_seconds(lambda: model.sample(batch, gen), max(3, args.repeats // 5), warmup=1) / args.sampler_steps
+        sampler[trim] = (sec, flops)
 
     peak = matmul_peak_flops()
     print(f"FlexMDM speed, star-easy, {n_params / 1e6:.2f}M params, batch {args.batch_size}, "
@@ -77,11 +82,15 @@ def main() -> None:
     print(f"dense fp32 matmul peak measured now: {peak / 1e9:.1f} GFLOP/s")
     for name, sec, flops, ref in (
         ("train step", train_s, train_flops, REFERENCE_TRAIN_STEP_S),
-        ("sampler step", sample_s, sample_flops, REFERENCE_SAMPLER_STEP_S),
+        ("sampler step", *sampler[True], REFERENCE_SAMPLER_STEP_S),
+        ("sampler, full width", *sampler[False], REFERENCE_SAMPLER_STEP_S),
     ):
         achieved = flops / sec
-        print(f"{name:>12}: {sec * 1e3:8.1f} ms | model {flops / 1e9:6.2f} GFLOP | {achieved / 1e9:6.1f} GFLOP/s | "
+        print(f"{name:>19}: {sec * 1e3:8.1f} ms | model {flops / 1e9:6.2f} GFLOP | {achieved / 1e9:6.1f} GFLOP/s | "
               f"MFU {100 * achieved / peak:5.1f} % | x{ref / sec:.2f} vs reference {ref:.2f} s")
+
+
+    print(f"sampler: trimmed width is x{sampler[False][0] / sampler[True][0]:.2f} faster than full width")
 
 
 if __name__ == "__main__":

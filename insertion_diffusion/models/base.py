@@ -170,6 +170,9 @@ class GenerativeModule(L.LightningModule):
     def _eval_step(self, batch: dict[str, Tensor], batch_idx: int, stage: str) -> None:
         B = batch["input_ids"].shape[0]
         loss, logs = self.compute_loss(batch)
+        # A method whose training objective carries estimator terms (LoFlexMDM's REINFORCE, regularisers)
+        # reports its generator loss here: that is the quantity comparable across checkpoints and methods.
+        loss = logs.get("loss_generator", loss)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=B, sync_dist=True)
         for k, v in logs.items():
             self.log(f"{stage}/{k}", v, batch_size=B, sync_dist=True)

@@ -107,17 +107,26 @@ def test_unconditional_start_from_eos():
     assert (out.lengths > 1).any()
 
 
-def test_model_sees_increasing_times_and_valid_masks():
+@pytest.mark.parametrize("trim", [False, True])
+def test_model_sees_increasing_times_and_valid_masks(trim):
     model = DummyModel()
-    run(model, steps=12)
+    run(model, steps=12, trim=trim)
     assert len(model.calls) == 12
     ts = [t[0].item() for _, t, _ in model.calls]
     dt = (1 - 1e-5) / 13
     assert ts == pytest.approx([s * dt for s in range(12)], abs=1e-6)
     for x, t, valid in model.calls:
         assert (t == t[0]).all() and 0.0 <= t[0].item() < 1.0
-        assert x.shape[1] == 24
+        # trimmed: exactly the longest row's width; untrimmed: the full max_length
+        assert x.shape[1] == (int(valid.sum(1).max()) if trim else 24)
         assert ((x != PAD) == valid).all()  # valid is exactly the non-PAD prefix
+
+
+def test_trimming_changes_only_the_width_the_network_sees():
+    a = run(DummyModel(insert_rate=1.5, strength=0.5), seed=3, trim=True)
+    b = run(DummyModel(insert_rate=1.5, strength=0.5), seed=3, trim=False)
+    assert torch.equal(a.x, b.x) and torch.equal(a.lengths, b.lengths)
+    assert torch.equal(a.unmask_step, b.unmask_step) and torch.equal(a.insert_step, b.insert_step)
 
 
 def test_step_bookkeeping():
