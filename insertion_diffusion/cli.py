@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import zipfile
 from collections.abc import Sequence
 
 import lightning.pytorch as L
@@ -45,6 +46,18 @@ class InsertionDiffusionCLI(LightningCLI):
                 f"--ckpt_path {ckpt} only refers to checkpoints of the same process's fit; for "
                 f"{self.subcommand} pass the checkpoint file, e.g. --ckpt_path runs/<name>/version_0/checkpoints/last.ckpt"
             )
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint here (to re-apply its hyper-parameters); a truncated or foreign file
+        # would surface as a bare OSError. Torch checkpoints are zip archives: check that first.
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and ckpt not in ("last", "best", "hpc", "registry") and os.path.isfile(ckpt) and not zipfile.is_zipfile(ckpt):
+            raise ValueError(
+                f"--ckpt_path {ckpt!r} is not a readable checkpoint (truncated or not a torch checkpoint); "
+                "pass an intact .ckpt file, e.g. the run's checkpoints/last.ckpt"
+            )
+        super()._parse_ckpt_path()
 
     def before_validate(self) -> None:
         self._check_ckpt_path()

@@ -215,3 +215,26 @@ def test_unwritable_data_dir_is_one_clear_line(tmp_path, monkeypatch, capsys):
               "--trainer.max_steps", "1", "--trainer.logger", "false"])
     assert exc.value.code == 2
     assert "choose a writable data.data_dir" in capsys.readouterr().err
+
+
+def test_sampler_settings_given_at_predict_time_win_over_the_checkpoint(fitted, tmp_path, monkeypatch):
+    """Sampler settings are inference-time: --model.init_args.sampler.steps at predict must be used, not the
+    value the checkpoint was trained with (LightningCLI re-applies checkpoint hparams over the command line)."""
+    monkeypatch.setattr("sys.argv", ["insertion-diffusion"])
+    monkeypatch.chdir(fitted["tmp"])
+    out = tmp_path / "preds.jsonl"
+    main(["predict", "--config", str(fitted["config"]), "--ckpt_path", str(fitted["ckpt"]),
+          "--model.init_args.sampler.steps", "3", "--predictions.output_path", str(out)])
+    assert {rec["provenance"]["sampler"]["steps"] for rec in read_jsonl(out)} == {3}
+
+
+def test_truncated_checkpoint_is_a_clear_error(fitted, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["insertion-diffusion"])
+    monkeypatch.chdir(fitted["tmp"])
+    bad = tmp_path / "truncated.ckpt"
+    bad.write_bytes(fitted["ckpt"].read_bytes()[:4096])
+    with pytest.raises(SystemExit) as exc:
+        main(["test", "--config", str(fitted["config"]), "--ckpt_path", str(bad)])
+    assert exc.value.code == 2
+    assert "is not a readable checkpoint" in capsys.readouterr().err
+    assert fitted["ckpt"].stat().st_size > 4096  # the real checkpoint is untouched

@@ -22,6 +22,11 @@ from insertion_diffusion.tokenizers import Tokenizer, as_tokenizer
 
 LR_SCHEDULES = ("constant", "cosine")
 
+# Settings that only affect evaluation and prediction. They are kept out of the checkpoint's hyper-parameters:
+# LightningCLI re-applies a checkpoint's hyper-parameters over the command line for validate/test/predict
+# with --ckpt_path, which would silently undo e.g. ``--model.init_args.sampler.steps 500`` at test time.
+INFERENCE_SETTINGS = ("sampler", "eval_seed", "num_logged_samples")
+
 
 def split_rows(ids: Tensor, fixed: Tensor, valid: Tensor, num_special: int) -> tuple[list[list[int]], list[list[int]]]:
     """Split rows into (prompt ids, generated/reference ids), special tokens dropped.

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from insertion_diffusion.losses import rate_matching_terms
+from insertion_diffusion.models.base import INFERENCE_SETTINGS
 from insertion_diffusion.models.insertion_base import InsertionModel
 from insertion_diffusion.nn.transformer import AdaLNHead, ScalarHead, Transformer, TransformerConfig
 from insertion_diffusion.process.insertion import partial_state, sample_event_times, stratified_times
@@ -78,7 +79,7 @@ class FlexMDM(InsertionModel):
         if not insert_weight > 0:
             raise ValueError(f"model.insert_weight must be > 0, got {insert_weight}")
         self.insert_weight = insert_weight
-        self.save_hyperparameters(ignore=["tokenizer", "max_length"])
+        self.save_hyperparameters(ignore=["tokenizer", "max_length", *INFERENCE_SETTINGS])
         self.save_linked_hparams()
 
         V, cfg = self.tokenizer.vocab_size, self.backbone_cfg

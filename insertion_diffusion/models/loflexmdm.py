@@ -24,6 +24,7 @@ from torch import Tensor
 
 from insertion_diffusion.losses import bregman_rate, rate_matching_terms
 from insertion_diffusion.metrics.order import rowwise_pearson
+from insertion_diffusion.models.base import INFERENCE_SETTINGS
 from insertion_diffusion.models.insertion_base import InsertionModel
 from insertion_diffusion.nn.transformer import AdaLNHead, ScalarHead, Transformer, TransformerConfig
 from insertion_diffusion.order.kumaraswamy import KumaraswamyClock, schedule_regularizers
@@ -133,7 +134,7 @@ class LoFlexMDM(InsertionModel):
                 f"model.advantage_normalization={advantage_normalization!r}; allowed values: per_mask, per_token"
             )
         self.advantage_normalization = advantage_normalization
-        self.save_hyperparameters(ignore=["tokenizer", "max_length"])
+        self.save_hyperparameters(ignore=["tokenizer", "max_length", *INFERENCE_SETTINGS])
         self.save_linked_hparams()
 
         V = self.tokenizer.vocab_size
