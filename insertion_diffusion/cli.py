@@ -57,7 +57,23 @@ class InsertionDiffusionCLI(LightningCLI):
                 f"--ckpt_path {ckpt!r} is not a readable checkpoint (truncated or not a torch checkpoint); "
                 "pass an intact .ckpt file, e.g. the run's checkpoints/last.ckpt"
             )
+        if ckpt and os.path.isfile(ckpt):
+            self._check_ckpt_model_class(ckpt, sub)
         super()._parse_ckpt_path()
+
+    def _check_ckpt_model_class(self, ckpt: str, sub: str) -> None:
+        """Refuse a checkpoint of another method before Lightning tries to merge its hyper-parameters."""
+        import torch
+
+        meta = torch.load(ckpt, weights_only=True, map_location="cpu").get("insertion_diffusion") or {}
+        model_cfg = self.config[sub].get("model")
+        wanted = str(getattr(model_cfg, "class_path", "") or "").rpartition(".")[2]
+        saved = meta.get("model_class")
+        if saved and wanted and saved != wanted:
+            raise ValueError(
+                f"checkpoint {ckpt!r} was trained with model {saved}, but the model is {wanted}; "
+                f"use --model {saved} (or the config it was trained with)"
+            )
 
     def before_validate(self) -> None:
         self._check_ckpt_path()

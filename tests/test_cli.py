@@ -238,3 +238,15 @@ def test_truncated_checkpoint_is_a_clear_error(fitted, tmp_path, monkeypatch, ca
     assert exc.value.code == 2
     assert "is not a readable checkpoint" in capsys.readouterr().err
     assert fitted["ckpt"].stat().st_size > 4096  # the real checkpoint is untouched
+
+
+def test_checkpoint_of_another_method_is_a_clear_error(fitted, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["insertion-diffusion"])
+    monkeypatch.chdir(fitted["tmp"])
+    lo_config = EASY.parent / "easy_loflexmdm.yaml"
+    with pytest.raises(SystemExit) as exc:
+        main(["test", "--config", str(lo_config), "--ckpt_path", str(fitted["ckpt"]),
+              "--data.init_args.data_dir", str(fitted["tmp"] / "data")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "was trained with model FlexMDM, but the model is LoFlexMDM; use --model FlexMDM" in err
