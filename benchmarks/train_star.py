@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--order-lr", type=float, default=None, help="LoFlexMDM order-network learning rate")
     ap.add_argument("--reg-weight", type=float, default=1.0, help="LoFlexMDM: weight of each schedule regulariser")
     ap.add_argument("--no-pathwise", action="store_true", help="LoFlexMDM: REINFORCE and regularisers only")
+    ap.add_argument("--advantage", default="per_mask", help="LoFlexMDM advantage_normalization")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=500)
@@ -98,7 +99,7 @@ def main() -> None:
                                                     dropout=args.dropout, absolute_positions=not args.no_abs_pos)
         extra["order_lr"] = args.order_lr
         extra.update(reg_mixture=args.reg_weight, reg_endpoint=args.reg_weight, reg_kl=args.reg_weight,
-                     pathwise=not args.no_pathwise)
+                     pathwise=not args.no_pathwise, advantage_normalization=args.advantage)
     model = METHODS[args.method](
         dm.tokenizer, dm.max_length, backbone=backbone, lr=args.lr, warmup_steps=args.warmup,
         sampler=SamplerConfig(steps=args.val_steps, top_k=1, confidence=args.confidence), **extra,

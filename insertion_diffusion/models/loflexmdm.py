@@ -33,6 +33,8 @@ from insertion_diffusion.process.insertion import CLEAN, DELETED, MASKED, partia
 from insertion_diffusion.sampling.tau_leaping import SamplerConfig
 from insertion_diffusion.tokenizers import Tokenizer
 
+ADVANTAGE_NORMALIZATIONS = ("per_mask", "per_mask_time", "per_token")
+
 
 class LoFlexMDM(InsertionModel):
     """Insertion model with learnable order dynamics.
@@ -56,8 +58,9 @@ class LoFlexMDM(InsertionModel):
         time_eps: training times are stratified over ``[time_eps, 1 - time_eps]``.
         insert_weight: weight of the insertion-rate term (as in FlexMDM).
         advantage_normalization: how a partial state's loss is normalised into the REINFORCE reward:
-            "per_mask" (unmasking term / number of masks + insertion term / L; the default) or "per_token"
-            (both / L, as the generator's loss). See :meth:`difficulty`.
+            "per_mask" (unmasking term / number of masks + insertion term / L; the default), "per_mask_time"
+            (the same divided by ``h_a(t)``, which removes the ``1/(1-t)`` scale from the estimator) or
+            "per_token" (both / L, as the generator's loss). See :meth:`difficulty`.
         sampler: tau-leaping settings for evaluation and prediction.
         **optimiser and evaluation settings**: as :class:`~insertion_diffusion.models.base.GenerativeModule`.
     """
@@ -129,9 +132,10 @@ class LoFlexMDM(InsertionModel):
         if not insert_weight > 0:
             raise ValueError(f"model.insert_weight must be > 0, got {insert_weight}")
         self.insert_weight = insert_weight
-        if advantage_normalization not in ("per_mask", "per_token"):
+        if advantage_normalization not in ADVANTAGE_NORMALIZATIONS:
             raise ValueError(
-                f"model.advantage_normalization={advantage_normalization!r}; allowed values: per_mask, per_token"
+                f"model.advantage_normalization={advantage_normalization!r}; allowed values: "
+                f"{', '.join(ADVANTAGE_NORMALIZATIONS)}"
             )
         self.advantage_normalization = advantage_normalization
         self.save_hyperparameters(ignore=["tokenizer", "max_length", *INFERENCE_SETTINGS])
@@ -193,7 +197,7 @@ class LoFlexMDM(InsertionModel):
             terms.unmask_rows = terms.unmask_rows + um_breg
         return terms, per_row
 
-    def difficulty(self, terms, L: int) -> Tensor:
+    def difficulty(self, terms, L: int, t: Tensor | None = None) -> Tensor:
         """Per-row loss used as the REINFORCE reward (lower = easier partial state), (2B,).
 
         ``per_mask`` (default, as in the method): the unmasking term averaged over the row's masks plus the
@@ -201,9 +205,14 @@ class LoFlexMDM(InsertionModel):
         masks, i.e. later insertion, and drives every ``b_in`` to ``order_b_min`` (observed: within ~250
         steps on star-medium).
         """
-        if self.advantage_normalization == "per_mask":
-            return terms.unmask_rows / terms.masked_rows.clamp_min(1) + terms.insert_rows / L
-        return (terms.unmask_rows + terms.insert_rows) / L
+        if self.advantage_normalization == "per_token":
+            return (terms.unmask_rows + terms.insert_rows) / L
+        reward = terms.unmask_rows / terms.masked_rows.clamp_min(1) + terms.insert_rows / L
+        if self.advantage_normalization == "per_mask_time" and t is not None:
+            # Both states of a row share t: dividing by h_a(t) rescales rows, never flips a comparison, and
+            # removes the 1/(1-t) blow-up that dominates the estimator's variance near t = 1.
+            reward = reward / self.clock.h(t)
+        return reward
 
     def state_log_prob(self, st, t: Tensor, b_in: Tensor, b_um: Tensor, noisy: Tensor) -> Tensor:
         """``log p_phi(z_t | z1)`` per row (B,): closed-form state log-probabilities summed over noisy tokens."""
@@ -232,7 +241,7 @@ class LoFlexMDM(InsertionModel):
         gen_loss = 0.5 * (loss_1 + loss_2).mean()
 
         logp = self.state_log_prob(st, t2, b_in2.masked_fill(~n2, 1.0), b_um2.masked_fill(~n2, 1.0), n2)
-        diff = self.difficulty(terms, L).detach()
+        diff = self.difficulty(terms, L, t2).detach()
         adv = diff[:B] - diff[B:]
         dlogp = logp[:B] - logp[B:]
         reinforce = 0.5 * (adv * dlogp).mean()

@@ -677,3 +677,14 @@ def test_reinforce_reward_is_per_mask_by_default_and_validated():
     assert torch.allclose(lo.difficulty(terms, L=10), torch.tensor([0.45, 0.15]))
     with pytest.raises(ValueError, match="advantage_normalization"):
         tiny(seed=0, a=1.0, advantage_normalization="per_row")
+
+
+def test_per_mask_time_reward_divides_by_the_hazard_shape():
+    from insertion_diffusion.losses import LossTerms
+
+    lo = tiny(seed=0, a=1.0, advantage_normalization="per_mask_time")
+    z = torch.zeros(())
+    terms = LossTerms(unmask=z, insert=z, per_row=z, unmask_rows=torch.tensor([4.0, 4.0]),
+                      insert_rows=torch.tensor([0.0, 0.0]), masked_rows=torch.tensor([2, 2]), num_masked=z, correct=z)
+    t = torch.tensor([0.5, 0.9])  # h(t) = 1 / (1 - t) = 2, 10
+    assert torch.allclose(lo.difficulty(terms, L=10, t=t), torch.tensor([1.0, 0.2]))
