@@ -7,13 +7,13 @@ user runs them; ``--predictions.output_path`` and ``--print_config`` run in-proc
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 
 import insertion_diffusion
 from insertion_diffusion.cli import main
@@ -55,23 +55,6 @@ def tiny_args(tmp_path: Path) -> list[str]:
         "--model.backbone.d_cond",
         "32",
     ]
-
-
-def run_cli(args: list[str], cwd: Path, **env_extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **env_extra}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "insertion_diffusion", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, (
-        f"insertion-diffusion {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    )
-    return proc
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -19,8 +19,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-
-import insertion_diffusion.cli as cli_mod
+from cli_helpers import instantiate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
@@ -70,22 +69,6 @@ def tiny_data_args(content: dict[str, Any], data_dir: Path) -> list[str]:
         if key in params:
             args += [f"--data.{key}", str(value)]
     return args
-
-
-def instantiate(monkeypatch: pytest.MonkeyPatch, args: list[str]):
-    """Run ``main(args)`` with ``run=False``: parse + instantiate trainer, model and data; return the CLI."""
-    captured = {}
-
-    class _NoRunCLI(cli_mod.InsertionDiffusionCLI):
-        def __init__(self, *a, **kw):
-            kw["run"] = False
-            super().__init__(*a, **kw)
-            captured["cli"] = self
-
-    monkeypatch.setattr(cli_mod, "InsertionDiffusionCLI", _NoRunCLI)
-    monkeypatch.setattr("sys.argv", ["insertion-diffusion"])  # environment.md pitfall 7
-    cli_mod.main(args)
-    return captured["cli"]
 
 
 def test_configs_found():

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-import insertion_diffusion.cli as cli_mod
+from cli_helpers import instantiate
+from cli_helpers import run_cli as shared_run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "custom_data.md"
@@ -53,21 +51,9 @@ def my_task_importable(task_dir, monkeypatch):
     sys.modules.pop("my_task", None)
 
 
-def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(cwd)}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "insertion_diffusion", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, (
-        f"insertion-diffusion {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    )
-    return proc
+def run_cli(args: list[str], cwd: Path):
+    """The CLI in a subprocess that can import the user's module from ``cwd``."""
+    return shared_run_cli(args, cwd, PYTHONPATH=str(cwd))
 
 
 def test_data_file_and_splits(task_dir, my_task_importable):
@@ -84,18 +70,7 @@ def test_data_file_and_splits(task_dir, my_task_importable):
 
 
 def test_docs_yaml_instantiates(task_dir, my_task_importable, monkeypatch):
-    captured = {}
-
-    class _NoRunCLI(cli_mod.InsertionDiffusionCLI):
-        def __init__(self, *a, **kw):
-            kw["run"] = False
-            super().__init__(*a, **kw)
-            captured["cli"] = self
-
-    monkeypatch.setattr(cli_mod, "InsertionDiffusionCLI", _NoRunCLI)
-    monkeypatch.setattr("sys.argv", ["insertion-diffusion"])
-    cli_mod.main(["--config", "letters.yaml"])
-    cli = captured["cli"]
+    cli = instantiate(monkeypatch, ["--config", "letters.yaml"])
     assert type(cli.datamodule).__name__ == "SortDataModule"
     assert type(cli.model).__name__ == "FlexMDM"
     assert cli.model.tokenizer == cli.datamodule.tokenizer
