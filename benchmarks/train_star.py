@@ -84,6 +84,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=500)
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--no-abs-pos", action="store_true", help="rotary positions only (no absolute embedding)")
+    ap.add_argument("--conv-kernel", type=int, default=0,
+                    help="depthwise convolution width before every block (0: none; causal for ARM)")
+    ap.add_argument("--lr-schedule", default="constant", help="constant | cosine (after warm-up; cosine needs --max-steps)")
     ap.add_argument("--insert-weight", type=float, default=0.1)
     ap.add_argument("--val-every", type=int, default=1000)
     ap.add_argument("--val-steps", type=int, default=64, help="sampler steps during validation")
@@ -101,18 +104,19 @@ def main() -> None:
                              num_test=args.num_test, batch_size=args.batch_size, eval_batch_size=256)
     backbone = TransformerConfig(num_layers=args.layers, d_model=args.width, num_heads=args.heads,
                                  d_cond=min(128, args.width), dropout=args.dropout,
-                                 absolute_positions=not args.no_abs_pos,
+                                 absolute_positions=not args.no_abs_pos, conv_kernel=args.conv_kernel,
                                  time_conditioning=args.method in ("flexmdm", "loflexmdm"))
     extra = {"insert_weight": args.insert_weight} if args.method in ("flexmdm", "loflexmdm") else {}
     if args.method == "loflexmdm":
         extra["order_backbone"] = TransformerConfig(num_layers=args.order_layers, d_model=args.width,
                                                     num_heads=args.heads, d_cond=min(128, args.width),
-                                                    dropout=args.dropout, absolute_positions=not args.no_abs_pos)
+                                                    dropout=args.dropout, absolute_positions=not args.no_abs_pos,
+                                                    conv_kernel=args.conv_kernel)
         extra["order_lr"] = args.order_lr
         extra.update(reg_mixture=args.reg_weight, reg_endpoint=args.reg_weight, reg_kl=args.reg_weight,
                      pathwise=not args.no_pathwise, advantage_normalization=args.advantage)
     model = METHODS[args.method](
-        dm.tokenizer, dm.max_length, backbone=backbone, lr=args.lr, warmup_steps=args.warmup,
+        dm.tokenizer, dm.max_length, backbone=backbone, lr=args.lr, warmup_steps=args.warmup, lr_schedule=args.lr_schedule,
         sampler=make_sampler(args.method, args.val_steps, args.confidence), **extra,
     )
     ckpt_dir = os.path.join(args.out, "checkpoints")

@@ -32,6 +32,12 @@ class TransformerConfig:
         absolute_positions: also add a learned absolute position embedding (up to the model's max length).
             Rotary embeddings only see relative offsets; tasks with a fixed layout (e.g. a prompt of
             ``u v`` edge pairs, where a token's parity matters) learn much faster with absolute positions.
+        conv_kernel: width of a depthwise convolution over neighbouring positions added to the residual
+            stream before every block (0 = none; odd for bidirectional models, any width >= 2 when causal,
+            where it only looks back). In-context lookups ("the node paired with the goal") need one
+            attention head to fetch a neighbour and a second to match on it; the convolution supplies the
+            neighbour directly, which shortens the loss plateau before such lookups are learned from
+            thousands of steps to hundreds (see docs/star_graphs.md).
     """
 
     num_layers: int = 4
@@ -43,6 +49,7 @@ class TransformerConfig:
     rotary_dim: int | None = None
     time_conditioning: bool = True
     absolute_positions: bool = False
+    conv_kernel: int = 0
 
     def __post_init__(self) -> None:
         if self.d_model % self.num_heads:
@@ -54,6 +61,8 @@ class TransformerConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.conv_kernel < 0 or self.conv_kernel == 1:
+            raise ValueError(f"conv_kernel must be 0 (off) or >= 2, got {self.conv_kernel}")
 
 
 class TimestepEmbedding(nn.Module):
@@ -89,6 +98,38 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """AdaLN: ``x * (1 + scale) + shift`` with per-row (B, d) shift and scale."""
     return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
+
+
+class TokenConv(nn.Module):
+    """Depthwise convolution over positions, added to the residual stream: (B, W, d) -> (B, W, d).
+
+    Bidirectional: centred (``kernel`` must be odd). Causal: position ``i`` sees ``i - kernel + 1 .. i``.
+    Padding positions are zeroed first, so they never leak into real ones.
+    """
+
+    def __init__(self, d_model: int, kernel: int, causal: bool) -> None:
+        super().__init__()
+        if not causal and kernel % 2 == 0:
+            raise ValueError(f"conv_kernel={kernel} must be odd for a bidirectional model (it is centred)")
+        self.kernel, self.causal = kernel, causal
+        self.conv = nn.Conv1d(d_model, d_model, kernel, groups=d_model)
+
+    def forward(self, h: Tensor, valid: Tensor | None) -> Tensor:
+        x = h if valid is None else h * valid[..., None].to(h.dtype)
+        left = self.kernel - 1 if self.causal else self.kernel // 2
+        right = 0 if self.causal else self.kernel // 2
+        x = F.pad(x.transpose(1, 2), (left, right))
+        return h + self.conv(x).transpose(1, 2)
+
+    def forward_cached(self, h: Tensor, history: Tensor, pos: int) -> Tensor:
+        """Causal step for new positions ``pos .. pos+n-1`` (h: (B, n, d)); ``history`` (B, width, d) holds
+        earlier inputs and receives these in place."""
+        n = h.shape[1]
+        history[:, pos : pos + n] = h
+        lo = max(0, pos - self.kernel + 1)
+        x = history[:, lo : pos + n].transpose(1, 2)
+        x = F.pad(x, (self.kernel - 1 - (pos - lo), 0))
+        return h + self.conv(x).transpose(1, 2)
 
 
 class Block(nn.Module):
@@ -187,6 +228,9 @@ class Transformer(nn.Module):
             nn.init.normal_(self.pos_embed.weight, std=0.02)
         self.time = TimestepEmbedding(cfg.d_cond) if cfg.time_conditioning else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.convs = None
+        if cfg.conv_kernel:
+            self.convs = nn.ModuleList(TokenConv(cfg.d_model, cfg.conv_kernel, causal) for _ in range(cfg.num_layers))
         head_dim = cfg.d_model // cfg.num_heads
         rd = cfg.rotary_dim or head_dim
         if rd % 2 or rd > head_dim:
@@ -217,21 +261,24 @@ class Transformer(nn.Module):
             if self.causal:
                 W = x.shape[1]
                 attn_mask = attn_mask & torch.ones(W, W, dtype=torch.bool, device=x.device).tril()[None, None]
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if self.convs is not None:
+                h = self.convs[i](h, valid)
             h = block(h, cond, rot, attn_mask, self.causal)
         return h, cond
 
     # --- incremental (KV-cached) causal decoding ----------------------------------------------------
-    def new_cache(self, batch_size: int, width: int, device: torch.device, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
-        """Empty key/value buffers, one ``(k, v)`` pair of shape (B, H, width, Dh) per block."""
+    def new_cache(self, batch_size: int, width: int, device: torch.device, dtype: torch.dtype) -> list[tuple[Tensor, ...]]:
+        """Empty buffers per block: keys and values (B, H, width, Dh), plus the block inputs (B, width, d)
+        when the backbone has a causal convolution (it needs the previous ``conv_kernel - 1`` of them)."""
         if not self.causal:
             raise ValueError("a KV cache needs a causal transformer (causal=True)")
         H = self.cfg.num_heads
         shape = (batch_size, H, width, self.cfg.d_model // H)
-        return [(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
-                for _ in self.blocks]
+        extra = ((batch_size, width, self.cfg.d_model),) if self.convs is not None else ()
+        return [tuple(torch.empty(s, device=device, dtype=dtype) for s in (shape, shape, *extra)) for _ in self.blocks]
 
-    def forward_cached(self, x: Tensor, cache: list[tuple[Tensor, Tensor]], pos: int, t: Tensor | None = None) -> Tensor:
+    def forward_cached(self, x: Tensor, cache: list[tuple[Tensor, ...]], pos: int, t: Tensor | None = None) -> Tensor:
         """Hidden states (B, n, d) of the new tokens ``x`` (B, n) at positions ``pos .. pos+n-1``.
 
         Positions ``< pos`` must already be in ``cache`` (from earlier calls); a prefill is ``pos=0`` with the
@@ -248,8 +295,10 @@ class Transformer(nn.Module):
         cond = self.time(t) if self.time is not None and t is not None else None
         cos, sin = rotary_tables(pos + n, self.rotary_dim, x.device, h.dtype)
         rot = (cos[pos:], sin[pos:])
-        for block, kv in zip(self.blocks, cache):
-            h = block.forward_cached(h, cond, rot, kv, pos)
+        for i, (block, kv) in enumerate(zip(self.blocks, cache)):
+            if self.convs is not None:
+                h = self.convs[i].forward_cached(h, kv[2], pos)
+            h = block.forward_cached(h, cond, rot, kv[:2], pos)
         return h
 
 

@@ -17,9 +17,10 @@ PAD, MASK, BOS, EOS = TOK.pad_id, TOK.mask_id, TOK.bos_id, TOK.eos_id
 MAXLEN = 16
 
 
-def tiny(seed=0, perturb=0.3, **kwargs) -> ARM:
+def tiny(seed=0, perturb=0.3, conv_kernel=0, **kwargs) -> ARM:
     torch.manual_seed(seed)
-    cfg = TransformerConfig(num_layers=2, d_model=32, num_heads=2, dropout=0.0, absolute_positions=True)
+    cfg = TransformerConfig(num_layers=2, d_model=32, num_heads=2, dropout=0.0, absolute_positions=True,
+                            conv_kernel=conv_kernel)
     model = ARM(TOK, max_length=MAXLEN, backbone=cfg, **kwargs).eval()
     if perturb:  # move the zero-initialised heads so greedy decoding is not a tie everywhere
         g = torch.Generator().manual_seed(seed + 1)
@@ -77,9 +78,10 @@ def test_loss_counts_target_and_eos_only():
     assert 0.0 <= logs["token_acc"].item() <= 1.0
 
 
+@pytest.mark.parametrize("conv_kernel", [0, 3], ids=["attention", "conv"])
 @pytest.mark.parametrize("sampler", [ARSamplerConfig(top_k=1), ARSamplerConfig(temperature=0.0)])
-def test_cache_equals_recompute_token_for_token_greedy(sampler):
-    model = tiny(sampler=sampler)
+def test_cache_equals_recompute_token_for_token_greedy(sampler, conv_kernel):
+    model = tiny(sampler=sampler, conv_kernel=conv_kernel)
     b, _ = batch()
     x_cache, f_cache = model.sample(b, use_cache=True)
     x_full, f_full = model.sample(b, use_cache=False)

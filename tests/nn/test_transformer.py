@@ -10,6 +10,7 @@ from insertion_diffusion.nn.transformer import (
     Block,
     ScalarHead,
     TimestepEmbedding,
+    TokenConv,
     Transformer,
     TransformerConfig,
     apply_rotary,
@@ -18,6 +19,7 @@ from insertion_diffusion.nn.transformer import (
 
 V = 17
 CFG = TransformerConfig(num_layers=2, d_model=32, num_heads=2, d_cond=16, dropout=0.0)
+CONV_CFG = TransformerConfig(num_layers=2, d_model=32, num_heads=2, d_cond=16, dropout=0.0, conv_kernel=3)
 
 
 def perturbed(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
@@ -64,8 +66,9 @@ def test_no_time_conditioning():
     assert ScalarHead(32, None)(h, None).shape == (3, 9)
 
 
-def test_padding_invariance():
-    net = perturbed(Transformer(V, CFG))
+@pytest.mark.parametrize("cfg", [CFG, CONV_CFG], ids=["attention", "conv"])
+def test_padding_invariance(cfg):
+    net = perturbed(Transformer(V, cfg))
     B, W, extra = 4, 7, 5
     x = tokens(B, W, seed=1)
     lengths = torch.tensor([7, 3, 5, 1])
@@ -97,9 +100,10 @@ def test_padding_mask_matters():
     assert not torch.allclose(h_masked[:, :5], h_unmasked[:, :5], atol=1e-4)
 
 
+@pytest.mark.parametrize("cfg", [CFG, CONV_CFG], ids=["attention", "conv"])
 @pytest.mark.parametrize("with_valid", [False, True])
-def test_causal_attention_ignores_the_future(with_valid):
-    net = perturbed(Transformer(V, CFG, causal=True))
+def test_causal_attention_ignores_the_future(with_valid, cfg):
+    net = perturbed(Transformer(V, cfg, causal=True))
     B, W = 2, 10
     x = tokens(B, W, seed=4)
     t = torch.rand(B)
@@ -234,6 +238,8 @@ def test_dropout_only_in_training_mode():
         ({"d_cond": 0}, "d_cond"),
         ({"dropout": 1.0}, "dropout"),
         ({"dropout": -0.1}, "dropout"),
+        ({"conv_kernel": 1}, "conv_kernel"),
+        ({"conv_kernel": -3}, "conv_kernel"),
     ],
 )
 def test_config_validation(kwargs, word):
@@ -252,3 +258,42 @@ def test_gradients_reach_every_parameter_after_perturbation():
     for name, p in list(net.named_parameters()) + list(head.named_parameters()):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_token_conv_reaches_exactly_its_window(causal):
+    """Position i mixes i-1..i+1 (bidirectional, kernel 3) or i-2..i (causal, kernel 3), nothing else."""
+    conv = perturbed(TokenConv(8, 3, causal))
+    h = torch.randn(1, 9, 8, requires_grad=True)
+    conv(h, None)[0, 4].sum().backward()
+    touched = (h.grad[0].abs().sum(-1) > 0).nonzero().flatten().tolist()
+    assert touched == ([2, 3, 4] if causal else [3, 4, 5])
+
+
+def test_token_conv_ignores_padding_and_needs_odd_kernel_when_bidirectional():
+    conv = perturbed(TokenConv(8, 3, False))
+    h = torch.randn(2, 6, 8)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, 4:] = False
+    h2 = h.clone()
+    h2[1, 4:] = 100.0
+    torch.testing.assert_close(conv(h, valid)[1, :4], conv(h2, valid)[1, :4])
+    with pytest.raises(ValueError, match="odd"):
+        TokenConv(8, 4, False)
+    with pytest.raises(ValueError, match="odd"):
+        Transformer(V, TransformerConfig(num_layers=1, d_model=32, num_heads=2, conv_kernel=4))
+    TokenConv(8, 4, True)  # causal: any width >= 2
+
+
+@pytest.mark.parametrize("kernel", [2, 3])
+def test_cached_decoding_with_conv_equals_full_forward(kernel):
+    cfg = TransformerConfig(num_layers=2, d_model=32, num_heads=2, dropout=0.0, time_conditioning=False,
+                            conv_kernel=kernel)
+    net = perturbed(Transformer(V, cfg, causal=True))
+    x = tokens(2, 8, seed=9)
+    full, _ = net(x, None, None)
+    cache = net.new_cache(2, 8, x.device, torch.float32)
+    assert len(cache[0]) == 3  # keys, values and the conv's input history
+    steps = [net.forward_cached(x[:, :3], cache, 0)]  # prefill, then one token at a time
+    steps += [net.forward_cached(x[:, i : i + 1], cache, i) for i in range(3, 8)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
