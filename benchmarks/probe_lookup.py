@@ -6,12 +6,17 @@ Every path-finding model must learn this lookup (or its successor twin) before i
 takes two composed attention steps: fetch each edge's partner, then match the goal against it. Chance is
 about 1/13.
 
+``--task masked`` probes the same skill inside the real training signal of a fixed-layout masked diffusion
+model: each row keeps prompt, BOS and EOS, masks every target token with probability ``t ~ U(0, 1)`` (one ``t``
+per row), and the accuracy counts only masked tokens at the lookup positions (all but the first and last target
+tokens, which copy the source and the goal).
+
 Each variant trains the project's backbone (``TransformerConfig``; ``conv_kernel`` is the only difference
 between the paired rows) with the same seed and data order, in this process, one after the other, and prints
 the first step at which the accuracy over the last 100 training batches passes ``--threshold``, or "not
 within N". The last line prints the ratio of steps (without conv / with conv) where both broke through.
 
-Run: ``python benchmarks/probe_lookup.py [--steps 2000] [--lrs 3e-3 1e-2] [--layers 2]``
+Run: ``python benchmarks/probe_lookup.py [--task lookup|masked] [--steps 2000] [--lrs 3e-3 1e-2] [--layers 2]``
 """
 
 from __future__ import annotations
@@ -46,6 +51,25 @@ def probe(dm: StarGraphDataModule, conv_kernel: int, lr: float, args: argparse.N
             it = iter(loader)
             b = next(it)
         ids, fixed = b["input_ids"], b["fixed"]
+        if args.task == "masked":
+            real = b["attention_mask"].bool() & ~fixed  # target tokens (BOS and EOS are fixed)
+            masked = real & (torch.rand(ids.shape) < torch.rand(ids.shape[0], 1))
+            first = real.long().argmax(1, keepdim=True)
+            last = real.shape[1] - 1 - real.flip(1).long().argmax(1, keepdim=True)
+            col = torch.arange(ids.shape[1])[None]
+            lookup = masked & (col > first) & (col < last)
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, step / 100)
+            logits = head(net(ids.masked_fill(masked, dm.tokenizer.mask_id), None, b["attention_mask"].bool())[0])
+            loss = F.cross_entropy(logits[masked], ids[masked])
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            hits.append((logits[lookup].argmax(-1) == ids[lookup]).float().mean().item())
+            if step >= 100 and sum(hits[-100:]) / 100 >= args.threshold:
+                return step, time.time() - t0
+            continue
         prompt_len = int(fixed[0].long().argmin())  # fixed prompt block, then BOS (also fixed), then target
         x = ids[:, : prompt_len + 1].clone()
         x[:, prompt_len] = dm.tokenizer.mask_id
@@ -68,6 +92,7 @@ def probe(dm: StarGraphDataModule, conv_kernel: int, lr: float, args: argparse.N
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--task", choices=["lookup", "masked"], default="lookup")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2])
     ap.add_argument("--kernels", type=int, nargs="+", default=[0, 3])
@@ -84,7 +109,7 @@ def main() -> None:
     dm = StarGraphDataModule(preset="easy", data_dir=args.data_dir, batch_size=args.batch_size)
     dm.prepare_data()
     dm.setup("fit")
-    print(f"probe: {args.layers} x {args.width}, batch {args.batch_size}, threshold {args.threshold}, "
+    print(f"probe ({args.task}): {args.layers} x {args.width}, batch {args.batch_size}, threshold {args.threshold}, "
           f"up to {args.steps} steps", flush=True)
     results = {}
     for lr in args.lrs:

@@ -62,7 +62,7 @@ class TransformerConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.conv_kernel < 0 or self.conv_kernel == 1:
-            raise ValueError(f"conv_kernel must be 0 (off) or >= 2, got {self.conv_kernel}")
+            raise ValueError(f"backbone conv_kernel must be 0 (off) or >= 2 (3 is typical), got {self.conv_kernel}")
 
 
 class TimestepEmbedding(nn.Module):
@@ -110,7 +110,10 @@ class TokenConv(nn.Module):
     def __init__(self, d_model: int, kernel: int, causal: bool) -> None:
         super().__init__()
         if not causal and kernel % 2 == 0:
-            raise ValueError(f"conv_kernel={kernel} must be odd for a bidirectional model (it is centred)")
+            raise ValueError(
+                f"backbone conv_kernel={kernel} must be odd for a bidirectional model (the convolution is centred); "
+                "use an odd width such as 3, or 0 to turn it off"
+            )
         self.kernel, self.causal = kernel, causal
         self.conv = nn.Conv1d(d_model, d_model, kernel, groups=d_model)
 
