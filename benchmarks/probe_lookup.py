@@ -32,6 +32,29 @@ from insertion_diffusion.data.star import StarGraphDataModule
 from insertion_diffusion.nn.transformer import Transformer, TransformerConfig
 
 
+def task_batch(net: Transformer, head: torch.nn.Module, b: dict, dm: StarGraphDataModule,
+               task: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits (N, V) and labels (N,) of the predicted tokens, and which of them the accuracy counts (N,) bool."""
+    ids, fixed = b["input_ids"], b["fixed"]
+    if task == "masked":
+        valid = b["attention_mask"].bool()
+        real = valid & ~fixed  # target tokens (BOS and EOS are fixed)
+        masked = real & (torch.rand(ids.shape) < torch.rand(ids.shape[0], 1))
+        first = real.long().argmax(1, keepdim=True)
+        last = real.shape[1] - 1 - real.flip(1).long().argmax(1, keepdim=True)
+        col = torch.arange(ids.shape[1])[None]
+        lookup = masked & (col > first) & (col < last)  # not the source or goal copies
+        logits = head(net(ids.masked_fill(masked, dm.tokenizer.mask_id), None, valid)[0])
+        return logits[masked], ids[masked], lookup[masked]
+    prompt_len = int(fixed[0].long().argmin())  # fixed prompt block, then BOS (also fixed), then target
+    x = ids[:, : prompt_len + 1].clone()
+    x[:, prompt_len] = dm.tokenizer.mask_id
+    # target layout: BOS, (s a1) (a1 a2) ... (a_k goal): the goal's predecessor sits 3 before EOS
+    eos = (ids == dm.tokenizer.eos_id).long().argmax(1)
+    y = ids.gather(1, (eos - 3)[:, None]).squeeze(1)
+    return head(net(x, None, None)[0][:, -1]), y, torch.ones_like(y, dtype=torch.bool)
+
+
 def probe(dm: StarGraphDataModule, conv_kernel: int, lr: float, args: argparse.Namespace) -> tuple[int | None, float]:
     """Train on the lookup; return (first step past the threshold or None, seconds)."""
     torch.manual_seed(args.seed)
@@ -50,41 +73,15 @@ def probe(dm: StarGraphDataModule, conv_kernel: int, lr: float, args: argparse.N
         except StopIteration:
             it = iter(loader)
             b = next(it)
-        ids, fixed = b["input_ids"], b["fixed"]
-        if args.task == "masked":
-            real = b["attention_mask"].bool() & ~fixed  # target tokens (BOS and EOS are fixed)
-            masked = real & (torch.rand(ids.shape) < torch.rand(ids.shape[0], 1))
-            first = real.long().argmax(1, keepdim=True)
-            last = real.shape[1] - 1 - real.flip(1).long().argmax(1, keepdim=True)
-            col = torch.arange(ids.shape[1])[None]
-            lookup = masked & (col > first) & (col < last)
-            for g in opt.param_groups:
-                g["lr"] = lr * min(1.0, step / 100)
-            logits = head(net(ids.masked_fill(masked, dm.tokenizer.mask_id), None, b["attention_mask"].bool())[0])
-            loss = F.cross_entropy(logits[masked], ids[masked])
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            hits.append((logits[lookup].argmax(-1) == ids[lookup]).float().mean().item())
-            if step >= 100 and sum(hits[-100:]) / 100 >= args.threshold:
-                return step, time.time() - t0
-            continue
-        prompt_len = int(fixed[0].long().argmin())  # fixed prompt block, then BOS (also fixed), then target
-        x = ids[:, : prompt_len + 1].clone()
-        x[:, prompt_len] = dm.tokenizer.mask_id
-        # target layout: BOS, (s a1) (a1 a2) ... (a_k goal): the goal's predecessor sits 3 before EOS
-        eos = (ids == dm.tokenizer.eos_id).long().argmax(1)
-        y = ids.gather(1, (eos - 3)[:, None]).squeeze(1)
+        logits, labels, scored = task_batch(net, head, b, dm, args.task)
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, step / 100)
-        logits = head(net(x, None, None)[0][:, -1])
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, labels)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        hits.append((logits.argmax(-1) == y).float().mean().item())
+        hits.append((logits[scored].argmax(-1) == labels[scored]).float().mean().item())
         if step >= 100 and sum(hits[-100:]) / 100 >= args.threshold:
             return step, time.time() - t0
     return None, time.time() - t0
