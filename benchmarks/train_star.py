@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--order-lr", type=float, default=None, help="LoFlexMDM order-network learning rate")
     ap.add_argument("--reg-weight", type=float, default=1.0, help="LoFlexMDM: weight of each schedule regulariser")
     ap.add_argument("--no-pathwise", action="store_true", help="LoFlexMDM: REINFORCE and regularisers only")
+    ap.add_argument("--generator-states", type=int, default=2,
+                    help="LoFlexMDM: partial states per row that train the generator (2: the method; 1: faster)")
     ap.add_argument("--advantage", default="per_mask", help="LoFlexMDM advantage_normalization")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -114,7 +116,8 @@ def main() -> None:
                                                     conv_kernel=args.conv_kernel)
         extra["order_lr"] = args.order_lr
         extra.update(reg_mixture=args.reg_weight, reg_endpoint=args.reg_weight, reg_kl=args.reg_weight,
-                     pathwise=not args.no_pathwise, advantage_normalization=args.advantage)
+                     pathwise=not args.no_pathwise, advantage_normalization=args.advantage,
+                     generator_states=args.generator_states)
     model = METHODS[args.method](
         dm.tokenizer, dm.max_length, backbone=backbone, lr=args.lr, warmup_steps=args.warmup, lr_schedule=args.lr_schedule,
         sampler=make_sampler(args.method, args.val_steps, args.confidence), **extra,

@@ -26,7 +26,9 @@ class TransformerConfig:
         num_heads: attention heads (``d_model`` must be divisible by it).
         d_ff: feed-forward width (default ``4 * d_model``).
         d_cond: width of the time conditioning vector.
-        dropout: dropout inside attention and feed-forward outputs.
+        dropout: dropout on the attention block's output projection and on the feed-forward output.
+        attention_dropout: dropout on the attention probabilities (default 0, as in DiT/DDiT backbones; on CPU
+            a non-zero value also forces PyTorch's slower math attention path).
         rotary_dim: how many dims per head get rotary embeddings (default: all).
         time_conditioning: whether blocks are modulated by ``t`` (AdaLN); False gives plain LayerNorm.
         absolute_positions: also add a learned absolute position embedding (up to the model's max length).
@@ -46,6 +48,7 @@ class TransformerConfig:
     d_ff: int | None = None
     d_cond: int = 128
     dropout: float = 0.1
+    attention_dropout: float = 0.0
     rotary_dim: int | None = None
     time_conditioning: bool = True
     absolute_positions: bool = False
@@ -59,8 +62,9 @@ class TransformerConfig:
         for key in ("num_layers", "d_model", "num_heads", "d_cond"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for key in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"backbone {key} must be in [0, 1), got {getattr(self, key)}")
         if self.conv_kernel < 0 or self.conv_kernel == 1:
             raise ValueError(f"backbone conv_kernel must be 0 (off) or >= 2 (3 is typical), got {self.conv_kernel}")
 
@@ -147,8 +151,9 @@ class Block(nn.Module):
         self.proj = nn.Linear(d, d, bias=False)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=not cfg.time_conditioning)
         d_ff = cfg.d_ff or 4 * d
-        self.ff = nn.Sequential(nn.Linear(d, d_ff), nn.GELU(approximate="tanh"), nn.Linear(d_ff, d))
-        self.dropout = cfg.dropout
+        # Exact (erf) GELU: on CPU it is ~3x faster than the tanh approximation (docs/benchmarks.md).
+        self.ff = nn.Sequential(nn.Linear(d, d_ff), nn.GELU(), nn.Linear(d_ff, d))
+        self.attention_dropout = cfg.attention_dropout
         self.drop = nn.Dropout(cfg.dropout)
         self.ada = None
         if cfg.time_conditioning:
@@ -184,7 +189,7 @@ class Block(nn.Module):
         h, mod = self._pre_attention(x, cond)
         q, k, v = self._qkv(h, rot)
         a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout if self.training else 0.0,
             is_causal=causal and attn_mask is None,
         )
         return self._post_attention(x, a.transpose(1, 2).reshape(B, W, d), mod)
@@ -345,7 +350,7 @@ class ScalarHead(nn.Module):
         if self.ada is not None:
             nn.init.zeros_(self.ada.weight)
             nn.init.zeros_(self.ada.bias)
-        self.mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(approximate="tanh"), nn.Linear(d_model, 1))
+        self.mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, 1))
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.constant_(self.mlp[2].bias, bias_init)
 

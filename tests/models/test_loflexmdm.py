@@ -86,6 +86,7 @@ def is_order(name: str) -> bool:
         ({"generator_b_min": 3.0, "generator_b_max": 1.0}, ["model.generator_b_min", "model.generator_b_max"]),
         ({"time_eps": 0.5}, ["model.time_eps"]),
         ({"order_rate_fn": "relu"}, ["softplus"]),
+        ({"generator_states": 3}, ["model.generator_states", "1, 2"]),
     ],
 )
 def test_invalid_arguments_name_the_key(kwargs, keys):
@@ -379,6 +380,40 @@ def test_pathwise_gradient_option(pathwise):
             torch.testing.assert_close(g, gr2[n], msg=n)
 
 
+def test_one_generator_state_keeps_the_loss_and_the_order_gradient(monkeypatch):
+    """generator_states=1: same objective value and the same order-network gradient (pathwise through both
+    states, REINFORCE, regularisers); only the generator's gradient changes, and it comes from the first
+    B rows alone (the second half of the generator's outputs carries no autograd graph)."""
+    b, _ = batch()
+    out = {}
+    for states in (2, 1):
+        lo = tiny(seed=0, generator_states=states)
+        perturb(lo, seed=2)
+        out[states] = loss_grads(lo, b, seed=4)
+    (l2, logs2, g2), (l1, logs1, g1) = out[2], out[1]
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(logs1["reinforce"], logs2["reinforce"])
+    for n in g2:
+        if is_order(n):
+            torch.testing.assert_close(g1[n], g2[n], msg=n)
+    gen = [n for n in g2 if not is_order(n)]
+    assert all(nonzero(g1[n]) for n in gen if nonzero(g2[n]))
+    assert any(not torch.allclose(g1[n], g2[n]) for n in gen)
+
+    lo = tiny(seed=0, generator_states=1)
+    seen = []
+    real_forward = LoFlexMDM.forward
+
+    def spy(self, x, t, valid):
+        res = real_forward(self, x, t, valid)
+        seen.append((x.shape[0], res[0].requires_grad))
+        return res
+
+    monkeypatch.setattr(LoFlexMDM, "forward", spy)
+    lo.compute_loss(b, generator=seeded(0))
+    assert seen == [(6, True), (6, False)]
+
+
 def test_regularisers_alone_reach_the_order_network():
     lo = tiny(seed=0, pathwise=False, reinforce_weight=0.0, reg_mixture=1.0, reg_endpoint=1.0, reg_kl=1.0)
     perturb(lo, seed=2)
@@ -396,6 +431,7 @@ VARIANTS = {
     "shared_backbone": {"shared_backbone": True},
     "a2_time_conditioned": {"a": 2.0, "order_time_conditioning": True},
     "a5_exp_rates": {"a": 5.0, "order_rate_fn": "exp", "order_b_min": 1.001},
+    "generator_states_1": {"generator_states": 1},
 }
 
 

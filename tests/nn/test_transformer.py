@@ -216,8 +216,9 @@ def test_rotary_dim_option():
         Transformer(V, TransformerConfig(num_layers=1, d_model=32, num_heads=2, rotary_dim=32))
 
 
-def test_dropout_only_in_training_mode():
-    cfg = TransformerConfig(num_layers=1, d_model=32, num_heads=2, d_cond=16, dropout=0.5)
+@pytest.mark.parametrize("kwargs", [{"dropout": 0.5}, {"dropout": 0.0, "attention_dropout": 0.5}])
+def test_dropout_only_in_training_mode(kwargs):
+    cfg = TransformerConfig(num_layers=1, d_model=32, num_heads=2, d_cond=16, **kwargs)
     net = perturbed(Transformer(V, cfg))
     x = tokens()
     t = torch.rand(3)
@@ -238,6 +239,7 @@ def test_dropout_only_in_training_mode():
         ({"d_cond": 0}, "d_cond"),
         ({"dropout": 1.0}, "dropout"),
         ({"dropout": -0.1}, "dropout"),
+        ({"attention_dropout": 1.0}, "attention_dropout"),
         ({"conv_kernel": 1}, "conv_kernel"),
         ({"conv_kernel": -3}, "conv_kernel"),
     ],
@@ -245,6 +247,15 @@ def test_dropout_only_in_training_mode():
 def test_config_validation(kwargs, word):
     with pytest.raises(ValueError, match=word):
         TransformerConfig(**kwargs)
+
+
+def test_no_dropout_in_training_mode_is_deterministic():
+    """dropout = attention_dropout = 0: train and eval forwards agree (no hidden randomness anywhere)."""
+    cfg = TransformerConfig(num_layers=1, d_model=32, num_heads=2, d_cond=16, dropout=0.0)
+    net = perturbed(Transformer(V, cfg))
+    x, t = tokens(), torch.rand(3)
+    a = net.train()(x, t, None)[0]
+    torch.testing.assert_close(a, net.eval()(x, t, None)[0])
 
 
 def test_gradients_reach_every_parameter_after_perturbation():
