@@ -18,7 +18,7 @@ import time
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from insertion_diffusion.data.star import StarGraphDataModule
@@ -90,6 +90,11 @@ def main() -> None:
                     help="depthwise convolution width before every block (0: none; causal for ARM)")
     ap.add_argument("--lr-schedule", default="constant", help="constant | cosine (after warm-up; cosine needs --max-steps)")
     ap.add_argument("--insert-weight", type=float, default=0.1)
+    ap.add_argument("--insertion-schedule", default="linear",
+                    help='FlexMDM insertion-time CDF: linear | cosine | poly:<p> (p < 1 inserts early)')
+    ap.add_argument("--unmasking-schedule", default="linear", help="FlexMDM unmasking-time CDF (same choices)")
+    ap.add_argument("--ema-decay", type=float, default=None,
+                    help="evaluate an exponential moving average of the weights (Lightning EMAWeightAveraging)")
     ap.add_argument("--val-every", type=int, default=1000)
     ap.add_argument("--val-steps", type=int, default=64, help="sampler steps during validation")
     ap.add_argument("--test-steps", type=int, default=128, help="sampler steps at test")
@@ -109,6 +114,8 @@ def main() -> None:
                                  absolute_positions=not args.no_abs_pos, conv_kernel=args.conv_kernel,
                                  time_conditioning=args.method in ("flexmdm", "loflexmdm"))
     extra = {"insert_weight": args.insert_weight} if args.method in ("flexmdm", "loflexmdm") else {}
+    if args.method == "flexmdm":
+        extra.update(insertion_schedule=args.insertion_schedule, unmasking_schedule=args.unmasking_schedule)
     if args.method == "loflexmdm":
         extra["order_backbone"] = TransformerConfig(num_layers=args.order_layers, d_model=args.width,
                                                     num_heads=args.heads, d_cond=min(128, args.width),
@@ -124,13 +131,16 @@ def main() -> None:
     )
     ckpt_dir = os.path.join(args.out, "checkpoints")
     last = os.path.join(ckpt_dir, "last.ckpt")
+    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=args.val_every),
+                 CurveWriter(os.path.join(args.out, "curve.csv"))]
+    if args.ema_decay is not None:
+        callbacks.append(EMAWeightAveraging(decay=args.ema_decay))
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_time={"minutes": args.minutes}, max_steps=args.max_steps, max_epochs=-1,
         val_check_interval=args.val_every, check_val_every_n_epoch=None, limit_val_batches=1,
         gradient_clip_val=1.0, log_every_n_steps=50, enable_progress_bar=False,
         logger=TensorBoardLogger(args.out, name="tb"),
-        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=args.val_every),
-                   CurveWriter(os.path.join(args.out, "curve.csv"))],
+        callbacks=callbacks,
     )
     t0 = time.time()
     trainer.fit(model, datamodule=dm, ckpt_path=last if os.path.exists(last) else None)

@@ -5,7 +5,9 @@ on ``t in [0, 1]``. Everything the forward process, the losses and the sampler n
 
 * ``cdf(t)``: ``F(t)``, the probability that the event happened by ``t``;
 * ``inverse(u)``: ``F^{-1}(u)``, used to draw event times from uniforms;
-* ``hazard(t)``: ``lambda(t) = F'(t) / (1 - F(t))``, the rate of the event at ``t`` given it has not happened.
+* ``hazard(t)``: ``lambda(t) = F'(t) / (1 - F(t))``, the rate of the event at ``t`` given it has not happened;
+* ``cumulative_hazard(t)``: ``Lambda(t) = -log(1 - F(t))``, so that ``Lambda(t') - Lambda(t)`` is the exact
+  expected number of events in ``[t, t']`` (what a sampler step needs when ``lambda`` diverges at ``t = 0``).
 
 All methods broadcast over tensors of any shape. Schedules are named in configs by a short string:
 ``"linear"``, ``"cosine"`` or ``"poly:<exponent>"`` (see :func:`make_schedule`).
@@ -35,6 +37,10 @@ class Schedule:
 
     def hazard(self, t: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def cumulative_hazard(self, t: Tensor) -> Tensor:
+        """``Lambda(t) = -log(1 - F(t))``, finite up to ``F = 1 - 1e-7``."""
+        return -torch.log1p(-self.cdf(t).clamp_max(1.0 - 1e-7))
 
     def sample(self, u: Tensor) -> Tensor:
         """Event times from uniforms ``u`` in [0, 1) (inverse-CDF sampling)."""

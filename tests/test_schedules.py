@@ -68,6 +68,20 @@ def test_hazard_matches_autograd_derivative_of_cdf(spec):
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("spec", [*SPECS, "poly:0.25"])
+def test_cumulative_hazard_integrates_the_hazard(spec):
+    """Lambda(0) = 0, dLambda/dt = hazard, and Lambda(t') - Lambda(t) = log((1 - F(t)) / (1 - F(t')))."""
+    s = make_schedule(spec)
+    assert s.cumulative_hazard(torch.zeros(1, dtype=torch.float64)).item() == 0.0
+    t = torch.linspace(0.01, 0.99, 197, dtype=torch.float64).requires_grad_(True)
+    (dL,) = torch.autograd.grad(s.cumulative_hazard(t).sum(), t)
+    torch.testing.assert_close(dL, s.hazard(t.detach()), rtol=1e-7, atol=1e-9)
+    a, b = torch.tensor([0.0, 0.1, 0.5]), torch.tensor([0.05, 0.3, 0.99])
+    F = s.cdf
+    torch.testing.assert_close(s.cumulative_hazard(b) - s.cumulative_hazard(a), torch.log((1 - F(a)) / (1 - F(b))))
+    assert torch.isfinite(s.cumulative_hazard(torch.tensor([1.0]))).all()
+
+
 @pytest.mark.parametrize("spec", SPECS)
 def test_hazard_is_finite_and_positive_at_the_ends(spec):
     s = make_schedule(spec)

@@ -182,9 +182,17 @@ class FlexMDM(InsertionModel):
         return terms.per_row * (1.0 - 2.0 * self.time_eps)
 
     # --- sampling -------------------------------------------------------------------------------------
-    def rates(self, x: Tensor, t: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The sampler's view: (logits, insertion rate per gap, unmasking rate per position)."""
+    def rates(self, x: Tensor, t: Tensor, valid: Tensor, t_next: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The sampler's view: (logits, insertion rate per gap, unmasking rate per position).
+
+        With ``t_next`` the rates are integrated over ``[t, t_next]`` (expected events in the step).
+        """
         logits, gap_out = self(x, t, valid)
-        insert_rate = self.expected_gap(gap_out) * self.insertion.hazard(t)[:, None]
-        unmask_rate = self.unmasking.hazard(t)[:, None].expand_as(insert_rate)
+        if t_next is None:
+            h_in, h_um = self.insertion.hazard(t), self.unmasking.hazard(t)
+        else:
+            h_in = self.insertion.cumulative_hazard(t_next) - self.insertion.cumulative_hazard(t)
+            h_um = self.unmasking.cumulative_hazard(t_next) - self.unmasking.cumulative_hazard(t)
+        insert_rate = self.expected_gap(gap_out) * h_in[:, None]
+        unmask_rate = h_um[:, None].expand_as(insert_rate)
         return logits, insert_rate, unmask_rate

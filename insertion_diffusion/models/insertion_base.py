@@ -23,7 +23,8 @@ class InsertionModel(GenerativeModule):
 
     sampler_cfg: SamplerConfig
 
-    def rates(self, x: Tensor, t: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def rates(self, x: Tensor, t: Tensor, valid: Tensor, t_next: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Rates at ``t`` (or, with ``t_next``, expected events over ``[t, t_next]``; see ``SamplerConfig``)."""
         raise NotImplementedError
 
     def setup(self, stage: str) -> None:

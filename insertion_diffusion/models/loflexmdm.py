@@ -343,9 +343,14 @@ class LoFlexMDM(InsertionModel):
         return per_row * (1.0 - 2.0 * self.time_eps)
 
     # --- sampling -------------------------------------------------------------------------------------
-    def rates(self, x: Tensor, t: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def rates(self, x: Tensor, t: Tensor, valid: Tensor, t_next: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The sampler's view: ``b * h_a(t)`` per position, or with ``t_next`` the rates integrated over the
+        step, ``b * (U(t_next) - U(t))`` (``U`` the clock's time change)."""
         logits, g_in, g_um = self(x, t, valid)
-        h = self.clock.h(t)[:, None]
+        if t_next is None:
+            h = self.clock.h(t)[:, None]
+        else:
+            h = (self.clock.time_change(t_next) - self.clock.time_change(t))[:, None]
         unmask = (g_um if g_um is not None else torch.ones_like(g_in)) * h
         return logits, g_in * h, unmask
 

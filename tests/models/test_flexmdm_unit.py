@@ -119,6 +119,27 @@ def test_initial_rates():
     assert (logits == 0).all()  # uniform token head at init
 
 
+@pytest.mark.parametrize("spec", ["linear", "poly:0.25"])
+def test_integrated_rates_are_hazard_integrals(spec):
+    """rates(..., t_next) = multiplier * (Lambda(t_next) - Lambda(t)): finite at t = 0 even where the hazard
+    diverges (poly:0.25), and -> rates(t) * dt as the step shrinks."""
+    model = tiny(insertion_schedule=spec, unmasking_schedule=spec)
+    b, _ = batch()
+    x, valid = b["input_ids"], b["attention_mask"]
+    t = torch.tensor([0.0, 0.25, 0.5, 0.75, 0.9, 0.99])
+    dt = 1e-3
+    _, ins, um = model.rates(x, t, valid, t + dt)
+    assert torch.isfinite(ins).all() and torch.isfinite(um).all()
+    sched = model.insertion
+    g = F.softplus(torch.tensor(-2.0))
+    torch.testing.assert_close(ins[:, 0], g * (sched.cumulative_hazard(t + dt) - sched.cumulative_hazard(t)))
+    t, dt = t[1:5], 1e-4  # away from t = 0 (diverging hazard) and t -> 1 (fast-changing hazard)
+    _, ins, um = model.rates(x[1:5], t, valid[1:5], t + dt)
+    _, ins_rate, um_rate = model.rates(x[1:5], t, valid[1:5])
+    torch.testing.assert_close(ins, ins_rate * dt, rtol=2e-3, atol=1e-7)
+    torch.testing.assert_close(um, um_rate * dt, rtol=2e-3, atol=1e-7)
+
+
 def check_samples(out, fixed, b, prompts):
     x_in = b["input_ids"]
     B = x_in.shape[0]

@@ -588,6 +588,17 @@ def test_rates_use_the_shared_hazard_shape():
     with torch.no_grad():
         _, _, um1 = fixed_um.rates(x, t, valid)
     torch.testing.assert_close(um1, (1.0 / (1.0 - t))[:, None].expand_as(um1))
+    # integrated over a step: b * (U(t') - U(t)), finite from t = 0 even for a < 1 (h_a diverges there)
+    early = tiny(seed=0, a=0.5, learn_b_um=True)
+    perturb(early, seed=1)
+    t0 = torch.tensor([0.0, 0.0, 0.1, 0.3, 0.5, 0.8])
+    with torch.no_grad():
+        _, ins, um = early.rates(x, t0, valid, t0 + 0.05)
+        _, g_in, g_um = early(x, t0, valid)
+    du = (early.clock.time_change(t0 + 0.05) - early.clock.time_change(t0))[:, None]
+    assert torch.isfinite(ins).all() and torch.isfinite(um).all()
+    torch.testing.assert_close(ins, g_in * du)
+    torch.testing.assert_close(um, g_um * du)
 
 
 # --- non-finite guards ----------------------------------------------------------------------------------------

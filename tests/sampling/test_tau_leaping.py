@@ -26,9 +26,10 @@ class DummyModel:
         self.favour, self.strength, self.special_bias = favour, strength, special_bias
         self.calls = []
 
-    def __call__(self, x, t, valid):
+    def __call__(self, x, t, valid, t_next=None):
         B, W = x.shape
         self.calls.append((x.clone(), t.clone(), valid.clone()))
+        self.spans = getattr(self, "spans", []) + [None if t_next is None else (t_next - t)]
         logits = torch.zeros(B, W, V)
         logits[..., self.favour] = self.strength
         logits[..., list(SPECIALS)] += self.special_bias
@@ -205,6 +206,23 @@ def test_insertion_growth_matches_tau_leaping_expectation():
     expected = (1 + c * dt) ** (S - 1)
     allowed = (out.lengths - 4 + 1).double()
     assert abs(allowed.mean().item() - expected) < 4.5 * allowed.std().item() / math.sqrt(B)
+
+
+def test_integrated_hazard_counts_are_used_as_given():
+    """integrate_hazard: the sampler passes t_next = t + dt and uses the returned rates as expected counts per
+    step (no further * dt): with a constant 'rate' c per step, E[#allowed gaps] = (1 + c)^(S - 1)."""
+    c, S, B = 0.1, 12, 400
+    model = DummyModel(insert_rate=c, unmask_rate=0.0)
+    out = run(model, prompts=[[4, 5]] * B, max_length=40, steps=S, seed=5, integrate_hazard=True)
+    dt = (1 - 1e-5) / (S + 1)
+    assert all(span is not None and torch.allclose(span, torch.full_like(span, dt)) for span in model.spans)
+    assert (out.lengths < 40).all()
+    allowed = (out.lengths - 4 + 1).double()
+    expected = (1 + c) ** (S - 1)
+    assert abs(allowed.mean().item() - expected) < 4.5 * allowed.std().item() / math.sqrt(B)
+    plain = DummyModel(insert_rate=c, unmask_rate=0.0)
+    run(plain, prompts=[[4, 5]] * 4, max_length=40, steps=S, seed=5)
+    assert all(span is None for span in plain.spans)
 
 
 def test_unmasking_probability_per_step():
