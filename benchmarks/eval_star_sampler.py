@@ -1,7 +1,9 @@
 """Compare sampler settings on one trained star-graph checkpoint, on the same test graphs, in one process.
 
-Each setting is a comma-separated list of ``key=value`` overrides of the checkpoint's ``SamplerConfig``
-(``steps``, ``confidence``, ``integrate_hazard``, ``top_k``, ...). Prints exact match, valid-path rate and
+Each setting is a comma-separated list of ``key=value`` overrides (``steps``, ``confidence``,
+``integrate_hazard``, ``top_k``, ...) applied on top of ``--base`` (default: greedy, ``top_prob`` confidence,
+the protocol of docs/results.md) and the model's default ``SamplerConfig``. Checkpoints do not carry the
+sampler settings of the run that wrote them, so the base is explicit here. Prints exact match, valid-path rate and
 token accuracy per setting, and the seconds each took.
 
 Example (the comparison in docs/results.md)::
@@ -46,6 +48,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default="benchmarks/out/data")
     ap.add_argument("--num-test", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--base", default="top_k=1,confidence=top_prob", help="overrides shared by every setting")
     ap.add_argument("--settings", nargs="+", default=["steps=128"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -53,7 +56,7 @@ def main() -> None:
     dm = StarGraphDataModule(preset=args.preset, data_dir=args.data_dir, num_test=args.num_test, eval_batch_size=256)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False)
-    base = model.sampler_cfg
+    base = dataclasses.replace(model.sampler_cfg, **parse_setting(args.base))
     print(f"{os.path.basename(os.path.dirname(os.path.dirname(args.ckpt)))}: {args.num_test} {args.preset} test graphs")
     for text in args.settings:
         model.sampler_cfg = dataclasses.replace(base, **parse_setting(text))

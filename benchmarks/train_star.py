@@ -29,13 +29,14 @@ from insertion_diffusion.sampling import ARSamplerConfig, MDLMSamplerConfig, Sam
 METHODS = {"flexmdm": FlexMDM, "loflexmdm": LoFlexMDM, "arm": ARM, "mdlm": MDLM}
 
 
-def make_sampler(method: str, steps: int, confidence: str):
-    """Greedy decoding for every method; ``steps`` and ``confidence`` apply to the diffusion samplers."""
+def make_sampler(method: str, steps: int, confidence: str, integrate_hazard: bool = False):
+    """Greedy decoding for every method; ``steps`` and ``confidence`` apply to the diffusion samplers,
+    ``integrate_hazard`` to the insertion models' tau-leaping."""
     if method == "arm":
         return ARSamplerConfig(top_k=1)
     if method == "mdlm":
         return MDLMSamplerConfig(steps=steps, top_k=1, confidence=confidence)
-    return SamplerConfig(steps=steps, top_k=1, confidence=confidence)
+    return SamplerConfig(steps=steps, top_k=1, confidence=confidence, integrate_hazard=integrate_hazard)
 
 
 class CurveWriter(Callback):
@@ -99,6 +100,8 @@ def main() -> None:
     ap.add_argument("--val-steps", type=int, default=64, help="sampler steps during validation")
     ap.add_argument("--test-steps", type=int, default=128, help="sampler steps at test")
     ap.add_argument("--confidence", default="top_prob")
+    ap.add_argument("--integrate-hazard", action="store_true",
+                    help="sampler: exact per-step hazard integrals (needed by early-insertion schedules, poly:<p<1>)")
     ap.add_argument("--num-test", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -127,7 +130,7 @@ def main() -> None:
                      generator_states=args.generator_states)
     model = METHODS[args.method](
         dm.tokenizer, dm.max_length, backbone=backbone, lr=args.lr, warmup_steps=args.warmup, lr_schedule=args.lr_schedule,
-        sampler=make_sampler(args.method, args.val_steps, args.confidence), **extra,
+        sampler=make_sampler(args.method, args.val_steps, args.confidence, args.integrate_hazard), **extra,
     )
     ckpt_dir = os.path.join(args.out, "checkpoints")
     last = os.path.join(ckpt_dir, "last.ckpt")
@@ -147,7 +150,7 @@ def main() -> None:
     train_s = time.time() - t0
     trainer.save_checkpoint(last)
 
-    model.sampler_cfg = make_sampler(args.method, args.test_steps, args.confidence)
+    model.sampler_cfg = make_sampler(args.method, args.test_steps, args.confidence, args.integrate_hazard)
     t1 = time.time()
     res = trainer.test(model, datamodule=dm, verbose=False)[0]
     result = {"args": vars(args), "global_step": trainer.global_step, "train_seconds_this_run": round(train_s, 1),

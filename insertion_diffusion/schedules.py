@@ -28,6 +28,8 @@ class Schedule:
     """Base class: subclasses implement ``cdf``, ``inverse`` and ``hazard``."""
 
     name: str = "schedule"
+    # whether lambda(t) -> inf as t -> 0 (the sampler then needs SamplerConfig.integrate_hazard)
+    diverges_at_zero: bool = False
 
     def cdf(self, t: Tensor) -> Tensor:
         raise NotImplementedError
@@ -101,6 +103,7 @@ class PolynomialSchedule(Schedule):
             raise ValueError(f"polynomial schedule exponent must be > 0, got {exponent}")
         self.exponent = float(exponent)
         self.name = f"poly:{exponent:g}"
+        self.diverges_at_zero = self.exponent < 1.0
 
     def cdf(self, t: Tensor) -> Tensor:
         return t.clamp(0.0, 1.0) ** self.exponent

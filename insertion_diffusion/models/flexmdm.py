@@ -78,6 +78,7 @@ class FlexMDM(InsertionModel):
         self.sampler_cfg = sampler or SamplerConfig()
         self.insertion = make_schedule(insertion_schedule, "model.insertion_schedule")
         self.unmasking = make_schedule(unmasking_schedule, "model.unmasking_schedule")
+        self.check_sampler()
         self.insertion_head = insertion_head
         self.time_eps = time_eps
         if not insert_weight > 0:
@@ -95,6 +96,12 @@ class FlexMDM(InsertionModel):
             self.gap_head = ScalarHead(cfg.d_model, cond, bias_init=-2.0)
         else:
             self.gap_head = AdaLNHead(cfg.d_model, cond, self.max_length + 1)
+
+    def diverging_schedule(self) -> str | None:
+        for key, sched in (("insertion_schedule", self.insertion), ("unmasking_schedule", self.unmasking)):
+            if sched.diverges_at_zero:
+                return f"model.{key}={sched.name}"
+        return None
 
     # --- network --------------------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:

@@ -27,6 +27,19 @@ class InsertionModel(GenerativeModule):
         """Rates at ``t`` (or, with ``t_next``, expected events over ``[t, t_next]``; see ``SamplerConfig``)."""
         raise NotImplementedError
 
+    def diverging_schedule(self) -> str | None:
+        """The setting (e.g. ``model.insertion_schedule=poly:0.25``) whose hazard is unbounded at ``t = 0``, or None."""
+        return None
+
+    def check_sampler(self) -> None:
+        """A schedule whose hazard diverges at ``t = 0`` needs integrated hazards in the sampler."""
+        name = self.diverging_schedule()
+        if name is not None and not self.sampler_cfg.integrate_hazard:
+            raise ValueError(
+                f"{name} has an unbounded hazard at t = 0, so the sampler's first step cannot use rate * dt; "
+                "set model.init_args.sampler.integrate_hazard: true"
+            )
+
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if not hasattr(self, "order_metrics"):
@@ -34,6 +47,7 @@ class InsertionModel(GenerativeModule):
 
     def sample_full(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> SampleOutput:
         """Run the sampler from the fixed tokens of ``batch``; returns the whole :class:`SampleOutput`."""
+        self.check_sampler()
         tok = self.tokenizer
         x0, fixed0, len0 = compact_fixed(batch["input_ids"], batch["fixed"], batch["attention_mask"], tok.pad_id)
         return tau_leaping(

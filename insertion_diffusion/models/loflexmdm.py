@@ -136,6 +136,7 @@ class LoFlexMDM(InsertionModel):
             self.order_cfg = TransformerConfig(**{**vars(order_backbone), "time_conditioning": order_time_conditioning})
         self.sampler_cfg = sampler or SamplerConfig()
         self.clock = KumaraswamyClock(a)
+        self.check_sampler()
         self.learn_b_um = learn_b_um
         self.order_time_conditioning = order_time_conditioning
         self.reinforce_weight, self.pathwise = reinforce_weight, pathwise
@@ -170,6 +171,9 @@ class LoFlexMDM(InsertionModel):
             max_length=self.max_length,
         )
         self._order_rows: list[Tensor] = []
+
+    def diverging_schedule(self) -> str | None:
+        return f"model.a={self.clock.a:g} (< 1)" if self.clock.a < 1.0 else None
 
     # --- networks -------------------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -123,7 +123,7 @@ def test_initial_rates():
 def test_integrated_rates_are_hazard_integrals(spec):
     """rates(..., t_next) = multiplier * (Lambda(t_next) - Lambda(t)): finite at t = 0 even where the hazard
     diverges (poly:0.25), and -> rates(t) * dt as the step shrinks."""
-    model = tiny(insertion_schedule=spec, unmasking_schedule=spec)
+    model = tiny(insertion_schedule=spec, unmasking_schedule=spec, sampler=SamplerConfig(steps=16, integrate_hazard=True))
     b, _ = batch()
     x, valid = b["input_ids"], b["attention_mask"]
     t = torch.tensor([0.0, 0.25, 0.5, 0.75, 0.9, 0.99])
@@ -138,6 +138,22 @@ def test_integrated_rates_are_hazard_integrals(spec):
     _, ins_rate, um_rate = model.rates(x[1:5], t, valid[1:5])
     torch.testing.assert_close(ins, ins_rate * dt, rtol=2e-3, atol=1e-7)
     torch.testing.assert_close(um, um_rate * dt, rtol=2e-3, atol=1e-7)
+
+
+def test_early_insertion_schedule_needs_integrated_hazards():
+    """poly:<p < 1> has an unbounded hazard at t = 0: refused without integrate_hazard (at construction, and at
+    sampling if the sampler is swapped later); with it, the very first step already inserts masks."""
+    with pytest.raises(ValueError, match=r"model.insertion_schedule=poly:0.25.*integrate_hazard: true"):
+        tiny(insertion_schedule="poly:0.25")
+    model = tiny(insertion_schedule="poly:0.25", sampler=SamplerConfig(steps=8, integrate_hazard=True))
+    with torch.no_grad():
+        model.gap_head.mlp[-1].bias.fill_(2.0)  # expect ~2 tokens per gap
+    b, _ = batch()
+    out = model.sample_full(b, torch.Generator().manual_seed(0))
+    assert (out.insert_step == 0).any()
+    model.sampler_cfg = SamplerConfig(steps=8)
+    with pytest.raises(ValueError, match="integrate_hazard"):
+        model.sample(b)
 
 
 def check_samples(out, fixed, b, prompts):

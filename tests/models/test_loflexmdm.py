@@ -589,7 +589,9 @@ def test_rates_use_the_shared_hazard_shape():
         _, _, um1 = fixed_um.rates(x, t, valid)
     torch.testing.assert_close(um1, (1.0 / (1.0 - t))[:, None].expand_as(um1))
     # integrated over a step: b * (U(t') - U(t)), finite from t = 0 even for a < 1 (h_a diverges there)
-    early = tiny(seed=0, a=0.5, learn_b_um=True)
+    with pytest.raises(ValueError, match=r"model.a=0.5.*integrate_hazard"):
+        tiny(seed=0, a=0.5)
+    early = tiny(seed=0, a=0.5, learn_b_um=True, sampler=SamplerConfig(steps=16, integrate_hazard=True))
     perturb(early, seed=1)
     t0 = torch.tensor([0.0, 0.0, 0.1, 0.3, 0.5, 0.8])
     with torch.no_grad():
