@@ -15,24 +15,21 @@ Run: ``python benchmarks/speed_elementwise.py [--threads 2] [--repeats 30]``
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(__file__))
+from common import median_seconds
+
 from insertion_diffusion.nn.transformer import Transformer, TransformerConfig
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_seconds(fn, repeats, warmup=1)
 
 
 def main() -> None:
