@@ -75,9 +75,10 @@ class FlexMDM(InsertionModel):
         if not 0.0 <= time_eps < 0.5:
             raise ValueError(f"model.time_eps must be in [0, 0.5), got {time_eps}")
         self.backbone_cfg = backbone or TransformerConfig()
-        self.sampler_cfg = sampler or SamplerConfig()
         self.insertion = make_schedule(insertion_schedule, "model.insertion_schedule")
         self.unmasking = make_schedule(unmasking_schedule, "model.unmasking_schedule")
+        # Without an explicit sampler (e.g. load_from_checkpoint), integrate hazards where the schedule needs it.
+        self.sampler_cfg = sampler or SamplerConfig(integrate_hazard=self.diverging_schedule() is not None)
         self.check_sampler()
         self.insertion_head = insertion_head
         self.time_eps = time_eps

@@ -134,8 +134,8 @@ class LoFlexMDM(InsertionModel):
         )
         if order_backbone is not None and order_backbone.time_conditioning != order_time_conditioning:
             self.order_cfg = TransformerConfig(**{**vars(order_backbone), "time_conditioning": order_time_conditioning})
-        self.sampler_cfg = sampler or SamplerConfig()
         self.clock = KumaraswamyClock(a)
+        self.sampler_cfg = sampler or SamplerConfig(integrate_hazard=self.diverging_schedule() is not None)
         self.check_sampler()
         self.learn_b_um = learn_b_um
         self.order_time_conditioning = order_time_conditioning

@@ -144,7 +144,10 @@ def test_early_insertion_schedule_needs_integrated_hazards():
     """poly:<p < 1> has an unbounded hazard at t = 0: refused without integrate_hazard (at construction, and at
     sampling if the sampler is swapped later); with it, the very first step already inserts masks."""
     with pytest.raises(ValueError, match=r"model.insertion_schedule=poly:0.25.*integrate_hazard: true"):
-        tiny(insertion_schedule="poly:0.25")
+        tiny(insertion_schedule="poly:0.25", sampler=SamplerConfig(steps=8))
+    # without an explicit sampler (as in load_from_checkpoint) the default integrates hazards
+    assert FlexMDM(TOK, max_length=MAXLEN, insertion_schedule="poly:0.25").sampler_cfg.integrate_hazard
+    assert not FlexMDM(TOK, max_length=MAXLEN).sampler_cfg.integrate_hazard
     model = tiny(insertion_schedule="poly:0.25", sampler=SamplerConfig(steps=8, integrate_hazard=True))
     with torch.no_grad():
         model.gap_head.mlp[-1].bias.fill_(2.0)  # expect ~2 tokens per gap

@@ -590,7 +590,8 @@ def test_rates_use_the_shared_hazard_shape():
     torch.testing.assert_close(um1, (1.0 / (1.0 - t))[:, None].expand_as(um1))
     # integrated over a step: b * (U(t') - U(t)), finite from t = 0 even for a < 1 (h_a diverges there)
     with pytest.raises(ValueError, match=r"model.a=0.5.*integrate_hazard"):
-        tiny(seed=0, a=0.5)
+        tiny(seed=0, a=0.5, sampler=SamplerConfig(steps=8))
+    assert LoFlexMDM(TOK, MAXLEN, backbone=cfg(), a=0.5).sampler_cfg.integrate_hazard
     early = tiny(seed=0, a=0.5, learn_b_um=True, sampler=SamplerConfig(steps=16, integrate_hazard=True))
     perturb(early, seed=1)
     t0 = torch.tensor([0.0, 0.0, 0.1, 0.3, 0.5, 0.8])
