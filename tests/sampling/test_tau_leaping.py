@@ -25,11 +25,12 @@ class DummyModel:
         self.insert_rate, self.unmask_rate = insert_rate, unmask_rate
         self.favour, self.strength, self.special_bias = favour, strength, special_bias
         self.calls = []
+        self.spans = []  # t_next - t of every call (None without integrate_hazard)
 
     def __call__(self, x, t, valid, t_next=None):
         B, W = x.shape
         self.calls.append((x.clone(), t.clone(), valid.clone()))
-        self.spans = getattr(self, "spans", []) + [None if t_next is None else (t_next - t)]
+        self.spans.append(None if t_next is None else t_next - t)
         logits = torch.zeros(B, W, V)
         logits[..., self.favour] = self.strength
         logits[..., list(SPECIALS)] += self.special_bias
