@@ -89,7 +89,8 @@ def main() -> None:
     ap.add_argument("--no-abs-pos", action="store_true", help="rotary positions only (no absolute embedding)")
     ap.add_argument("--conv-kernel", type=int, default=0,
                     help="depthwise convolution width before every block (0: none; causal for ARM)")
-    ap.add_argument("--lr-schedule", default="constant", help="constant | cosine (after warm-up; cosine needs --max-steps)")
+    ap.add_argument("--lr-schedule", default="constant",
+                    help="constant | cosine | wsd[:fraction] (after warm-up; the decaying ones need --max-steps)")
     ap.add_argument("--insert-weight", type=float, default=0.1)
     ap.add_argument("--insertion-schedule", default="linear",
                     help='FlexMDM insertion-time CDF: linear | cosine | poly:<p> (p < 1 inserts early)')

@@ -23,7 +23,49 @@ from torchmetrics import MeanMetric
 from insertion_diffusion.process.rng import RowRNG, mix_ints
 from insertion_diffusion.tokenizers import Tokenizer, as_tokenizer
 
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "wsd", "wsd:<fraction>")
+
+
+def parse_lr_schedule(name: str) -> tuple[str, float]:
+    """``(kind, decay_fraction)`` of an ``lr_schedule`` setting; ``wsd`` decays over the last 20 % by default.
+
+    Raises ``ValueError`` naming ``model.lr_schedule`` and the allowed values for anything else.
+    """
+    kind, _, arg = str(name).partition(":")
+    if kind in ("constant", "cosine") and not arg:
+        return kind, 0.0
+    if kind == "wsd":
+        try:
+            frac = float(arg) if arg else 0.2
+        except ValueError:
+            frac = float("nan")
+        if 0.0 < frac <= 1.0:
+            return kind, frac
+    raise ValueError(
+        f"model.lr_schedule={name!r}; allowed values: {', '.join(LR_SCHEDULES)} (fraction in (0, 1], e.g. wsd:0.25)"
+    )
+
+
+def lr_factor(step: int, warmup: int, total: float, kind: str, floor: float, decay_fraction: float = 0.2) -> float:
+    """Multiplier of the peak learning rate at optimiser step ``step`` (0-based).
+
+    Linear warm-up over ``warmup`` steps, then ``constant`` (1), ``cosine`` (from 1 at the end of warm-up to
+    ``floor`` at step ``total``), or ``wsd`` (warm-up, stable, decay: 1 until the last ``decay_fraction`` of the
+    ``total`` steps, then linear to ``floor``). ``wsd`` keeps the peak rate through the early plateau that star
+    graphs show and only anneals at the end, where cosine had already cut it by the time learning started.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    if kind == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    start = total - decay_fraction * (total - warmup)
+    if step < start:
+        return 1.0
+    progress = min(1.0, (step - start) / max(1.0, total - start))
+    return 1.0 - (1.0 - floor) * progress
 
 # Settings that only affect evaluation and prediction, or how the model runs rather than what it computes
 # (``compile``). They are kept out of the checkpoint's hyper-parameters: LightningCLI re-applies a checkpoint's
@@ -89,8 +131,10 @@ class GenerativeModule(L.LightningModule):
         weight_decay: AdamW weight decay (not applied to biases, norms and embeddings).
         betas: AdamW betas.
         warmup_steps: linear warm-up steps.
-        lr_schedule: "constant" after warm-up, or "cosine" decay to ``min_lr_ratio * lr`` at the last step.
-        min_lr_ratio: floor of the cosine schedule.
+        lr_schedule: "constant" after warm-up; "cosine" decay to ``min_lr_ratio * lr`` at the last step; or
+            "wsd" / "wsd:<fraction>" (constant, then a linear decay to ``min_lr_ratio * lr`` over the last
+            fraction of the steps, 0.2 by default). The decaying schedules need a finite ``trainer.max_steps``.
+        min_lr_ratio: floor of the decaying schedules.
         eval_seed: seed of the generator used when sampling for evaluation and prediction.
         num_logged_samples: rows of generated samples logged as a TensorBoard text table per evaluation.
         compile: compile the backbone (``self.net``) with ``torch.compile`` when the trainer sets the model up
@@ -130,8 +174,7 @@ class GenerativeModule(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"model.lr_schedule={lr_schedule!r}; allowed values: {', '.join(LR_SCHEDULES)}")
+        parse_lr_schedule(lr_schedule)  # fail at construction, naming the key
         if max_length < 2:
             raise ValueError(f"model.max_length must be >= 2, got {max_length}")
         self.tokenizer = as_tokenizer(tokenizer)
@@ -270,17 +313,13 @@ class GenerativeModule(L.LightningModule):
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
-        warm, schedule, floor = self.warmup_steps, self.lr_schedule, self.min_lr_ratio
-        if schedule == "cosine" and not math.isfinite(total):
-            raise ValueError("model.lr_schedule='cosine' needs a finite trainer.max_steps (or max_epochs)")
+        warm, floor = self.warmup_steps, self.min_lr_ratio
+        kind, frac = parse_lr_schedule(self.lr_schedule)
+        if kind != "constant" and not math.isfinite(total):
+            raise ValueError(f"model.lr_schedule={self.lr_schedule!r} needs a finite trainer.max_steps (or max_epochs)")
 
         def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            if schedule == "constant":
-                return 1.0
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+            return lr_factor(step, warm, total, kind, floor, frac)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
