@@ -12,6 +12,10 @@ earlier insertion. The table averages ``-grad`` over rows by the token's distanc
 token, the last of the target), with its standard error, so one can read whether the REINFORCE signal asks
 for the goal side first (the order the paper reports) and how it compares in size with the other two terms.
 
+It also prints how much the order network's last hidden states still vary across positions, before and after the
+rate head's LayerNorm, relative to their common (mean) vector. A network whose states have become one large shared
+vector gives every token the same ``b_in`` whatever the gradients say.
+
 Example::
 
     python benchmarks/probe_order_signal.py --ckpt benchmarks/out/s5/medium_loflex/checkpoints/last.ckpt \\
@@ -62,6 +66,16 @@ def term_grads(model: LoFlexMDM, batch: dict, gen: torch.Generator) -> tuple[dic
         (g,) = torch.autograd.grad(value, b_in, retain_graph=True, allow_unused=True)
         out[name] = torch.zeros_like(b_in) if g is None else g * B  # per-row scale (the loss is a row mean)
     return out, noisy
+
+
+def representation_spread(model: LoFlexMDM, batch: dict) -> tuple[float, float, float]:
+    """``(|mean h|, |std over positions of h|, the same ratio after the rate head's LayerNorm)`` over noisy tokens."""
+    noisy = batch["attention_mask"] & ~batch["fixed"]
+    with torch.no_grad():
+        t = torch.full((noisy.shape[0],), 0.5) if model.order_time_conditioning else None
+        h, _ = model.order.net(batch["input_ids"], t, batch["attention_mask"])
+        v, vn = h[noisy].float(), model.order.b_in_head.norm(h.float())[noisy]
+    return float(v.mean(0).norm()), float(v.std(0).norm()), float(vn.std(0).norm() / vn.mean(0).norm().clamp_min(1e-12))
 
 
 def main() -> None:
@@ -124,6 +138,9 @@ def main() -> None:
             var = max(0.0, float(sq[k][d] / count[d] - mean ** 2))
             cells.append(f"{float(mean):>+10.4f} +- {math.sqrt(var / count[d]):<9.4f}")
         print(f"{d:>18} {int(count[d]):>7} {float(b_sum[d] / count[d]):>7.4f} " + " ".join(f"{c:>22}" for c in cells))
+    mean_norm, spread, ratio_ln = representation_spread(model, next(iter(dm.test_dataloader())))
+    print(f"order network, last hidden state over noisy tokens: |mean| {mean_norm:.3g}, |std over positions| "
+          f"{spread:.3g}; after the head's LayerNorm std/|mean| = {ratio_ln:.3g}")
     c = torch.tensor(corr_rows)
     print(f"per-row corr(REINFORCE -grad, closeness to goal): mean {c.mean():+.4f} +- {c.std() / math.sqrt(len(c)):.4f} "
           f"over {len(c)} rows (positive = the REINFORCE step favours inserting the goal side first)")

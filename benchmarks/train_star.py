@@ -104,15 +104,19 @@ def main() -> None:
     ap.add_argument("--integrate-hazard", action="store_true",
                     help="sampler: exact per-step hazard integrals (needed by early-insertion schedules, poly:<p<1>)")
     ap.add_argument("--num-test", type=int, default=1000)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads per process")
+    ap.add_argument("--devices", type=int, default=1,
+                    help="CPU processes under DDP (gloo); --batch-size stays the global batch, split evenly")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.batch_size % args.devices:
+        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by --devices {args.devices}")
 
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, workers=True)
     os.makedirs(args.out, exist_ok=True)
     dm = StarGraphDataModule(preset=args.preset, data_dir=os.path.join(args.out, "..", "data"),
-                             num_test=args.num_test, batch_size=args.batch_size, eval_batch_size=256)
+                             num_test=args.num_test, batch_size=args.batch_size // args.devices, eval_batch_size=256)
     backbone = TransformerConfig(num_layers=args.layers, d_model=args.width, num_heads=args.heads,
                                  d_cond=min(128, args.width), dropout=args.dropout,
                                  absolute_positions=not args.no_abs_pos, conv_kernel=args.conv_kernel,
@@ -140,7 +144,8 @@ def main() -> None:
     if args.ema_decay is not None:
         callbacks.append(EMAWeightAveraging(decay=args.ema_decay))
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_time={"minutes": args.minutes}, max_steps=args.max_steps, max_epochs=-1,
+        accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
+        max_time={"minutes": args.minutes}, max_steps=args.max_steps, max_epochs=-1,
         val_check_interval=args.val_every, check_val_every_n_epoch=None, limit_val_batches=1,
         gradient_clip_val=1.0, log_every_n_steps=50, enable_progress_bar=False,
         logger=TensorBoardLogger(args.out, name="tb"),
@@ -156,6 +161,8 @@ def main() -> None:
     res = trainer.test(model, datamodule=dm, verbose=False)[0]
     result = {"args": vars(args), "global_step": trainer.global_step, "train_seconds_this_run": round(train_s, 1),
               "test_seconds": round(time.time() - t1, 1), **{k: float(v) for k, v in res.items()}}
+    if trainer.global_rank != 0:
+        return
     with open(os.path.join(args.out, "result.json"), "w") as fh:
         json.dump(result, fh, indent=2)
     print(json.dumps(result, indent=2))
