@@ -77,11 +77,16 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--order-layers", type=int, default=2, help="LoFlexMDM order-network layers")
     ap.add_argument("--order-lr", type=float, default=None, help="LoFlexMDM order-network learning rate")
+    ap.add_argument("--order-time-conditioning", action="store_true",
+                    help="LoFlexMDM: the order network also reads t (AdaLN-Zero blocks, identity at initialisation)")
     ap.add_argument("--reg-weight", type=float, default=1.0, help="LoFlexMDM: weight of each schedule regulariser")
     ap.add_argument("--no-pathwise", action="store_true", help="LoFlexMDM: REINFORCE and regularisers only")
     ap.add_argument("--generator-states", type=int, default=2,
                     help="LoFlexMDM: partial states per row that train the generator (2: the method; 1: faster)")
     ap.add_argument("--advantage", default="per_mask", help="LoFlexMDM advantage_normalization")
+    ap.add_argument("--init-generator", default=None,
+                    help="LoFlexMDM: start the generator (backbone, token head, gap head) from this FlexMDM checkpoint "
+                         "of the same size; a = 1 and b = 1 make the two parameterisations coincide")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=500)
@@ -130,6 +135,7 @@ def main() -> None:
                                                     dropout=args.dropout, absolute_positions=not args.no_abs_pos,
                                                     conv_kernel=args.conv_kernel)
         extra["order_lr"] = args.order_lr
+        extra["order_time_conditioning"] = args.order_time_conditioning
         extra.update(reg_mixture=args.reg_weight, reg_endpoint=args.reg_weight, reg_kl=args.reg_weight,
                      pathwise=not args.no_pathwise, advantage_normalization=args.advantage,
                      generator_states=args.generator_states)
@@ -139,6 +145,16 @@ def main() -> None:
     )
     ckpt_dir = os.path.join(args.out, "checkpoints")
     last = os.path.join(ckpt_dir, "last.ckpt")
+    if args.init_generator and not os.path.exists(last):
+        if args.method != "loflexmdm":
+            raise SystemExit("--init-generator applies to --method loflexmdm")
+        src = torch.load(args.init_generator, map_location="cpu", weights_only=False)["state_dict"]
+        keep = {k: v for k, v in src.items() if k.split(".")[0] in ("net", "token_head", "gap_head")}
+        missing, unexpected = model.load_state_dict(keep, strict=False)
+        bad = [k for k in missing if k.split(".")[0] in ("net", "token_head", "gap_head")] + list(unexpected)
+        if bad:
+            raise SystemExit(f"--init-generator {args.init_generator}: generator weights do not match: {bad[:5]}")
+        print(f"generator initialised from {args.init_generator} ({len(keep)} tensors)")
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=args.val_every),
                  CurveWriter(os.path.join(args.out, "curve.csv"))]
     if args.ema_decay is not None:

@@ -296,6 +296,22 @@ def test_token_conv_ignores_padding_and_needs_odd_kernel_when_bidirectional():
     TokenConv(8, 4, True)  # causal: any width >= 2
 
 
+def test_token_conv_starts_without_a_shared_offset():
+    """At initialisation the convolution adds nothing common to every position (zero bias), so the tokens' own
+    embeddings still tell them apart after the next LayerNorm."""
+    torch.manual_seed(0)
+    net = Transformer(V, TransformerConfig(num_layers=2, d_model=64, num_heads=2, conv_kernel=3,
+                                           time_conditioning=False), max_length=16)
+    conv = net.convs[0]
+    assert torch.count_nonzero(conv.conv.bias) == 0
+    zeros = torch.zeros(1, 5, 64)
+    torch.testing.assert_close(conv(zeros, None), zeros)
+    # distinct tokens stay distinct: after LayerNorm the spread across positions is of the order of the mean
+    x = torch.arange(4, 4 + 12)[None] % V
+    h = torch.nn.functional.layer_norm(conv(net.embed(x), None), (64,))[0]
+    assert h.std(0).norm() > 0.5 * h.mean(0).norm()
+
+
 @pytest.mark.parametrize("kernel", [2, 3])
 def test_cached_decoding_with_conv_equals_full_forward(kernel):
     cfg = TransformerConfig(num_layers=2, d_model=32, num_heads=2, dropout=0.0, time_conditioning=False,
