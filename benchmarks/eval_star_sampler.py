@@ -14,49 +14,19 @@ Example (the comparison in docs/results.md)::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import time
 
 import lightning.pytorch as L
-import torch
-
-from insertion_diffusion.data.star import StarGraphDataModule
-from insertion_diffusion.models import ARM, MDLM, FlexMDM, LoFlexMDM
-
-MODELS = {"FlexMDM": FlexMDM, "LoFlexMDM": LoFlexMDM, "MDLM": MDLM, "ARM": ARM}
-
-
-def parse_setting(text: str) -> dict:
-    out = {}
-    for item in filter(None, text.split(",")):
-        key, _, raw = item.partition("=")
-        try:
-            out[key.strip()] = json.loads(raw.strip().lower() if raw.strip().lower() in ("true", "false") else raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw.strip()
-    return out
+from star_eval import eval_parser, load_for_eval, parse_setting
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ckpt", required=True)
-    ap.add_argument("--model", default="FlexMDM", choices=sorted(MODELS))
-    ap.add_argument("--preset", default="easy")
-    ap.add_argument("--data-dir", default="benchmarks/out/data")
-    ap.add_argument("--num-test", type=int, default=500)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--base", default="top_k=1,confidence=top_prob", help="overrides shared by every setting")
-    ap.add_argument("--settings", nargs="+", default=["steps=128"])
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model = MODELS[args.model].load_from_checkpoint(args.ckpt, map_location="cpu")
-    dm = StarGraphDataModule(preset=args.preset, data_dir=args.data_dir, num_test=args.num_test, eval_batch_size=256)
+    args = eval_parser(__doc__.split("\n")[0]).parse_args()
+    model, dm, base = load_for_eval(args)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False)
-    base = dataclasses.replace(model.sampler_cfg, **parse_setting(args.base))
     print(f"{os.path.basename(os.path.dirname(os.path.dirname(args.ckpt)))}: {args.num_test} {args.preset} test graphs")
     for text in args.settings:
         model.sampler_cfg = dataclasses.replace(base, **parse_setting(text))

@@ -17,16 +17,12 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 
 import torch
+from star_eval import eval_parser, load_for_eval, parse_setting
 
-from insertion_diffusion.data.star import StarGraphDataModule
-from insertion_diffusion.models import FlexMDM, LoFlexMDM
-
-MODELS = {"FlexMDM": FlexMDM, "LoFlexMDM": LoFlexMDM}
 KINDS = ("exact", "length", "off-graph", "broken chain", "wrong arm")
 
 
@@ -45,33 +41,9 @@ def classify(prompt: list[int], generated: list[int], reference: list[int]) -> t
     return "wrong arm", 0
 
 
-def parse_setting(text: str) -> dict:
-    out: dict = {}
-    for item in filter(None, text.split(",")):
-        key, _, raw = item.partition("=")
-        raw = raw.strip()
-        low = raw.lower()
-        out[key.strip()] = low == "true" if low in ("true", "false") else int(raw) if raw.isdigit() else raw
-    return out
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ckpt", required=True)
-    ap.add_argument("--model", default="FlexMDM", choices=sorted(MODELS))
-    ap.add_argument("--preset", default="easy")
-    ap.add_argument("--data-dir", default="benchmarks/out/data")
-    ap.add_argument("--num-test", type=int, default=500)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--base", default="top_k=1,confidence=top_prob", help="overrides shared by every setting")
-    ap.add_argument("--settings", nargs="+", default=["steps=128"])
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model = MODELS[args.model].load_from_checkpoint(args.ckpt, map_location="cpu").eval()
-    dm = StarGraphDataModule(preset=args.preset, data_dir=args.data_dir, num_test=args.num_test, eval_batch_size=250)
-    dm.prepare_data()
-    dm.setup("test")
-    base = dataclasses.replace(model.sampler_cfg, **parse_setting(args.base))
+    args = eval_parser(__doc__.split("\n")[0], eval_batch_size=250).parse_args()
+    model, dm, base = load_for_eval(args)
     print(f"{args.ckpt}: {args.num_test} {args.preset} test graphs")
     print(f"{'setting':<32}" + "".join(f"{k:>14}" for k in KINDS) + "   length errors (generated - reference: count)")
     for text in args.settings:

@@ -1,0 +1,55 @@
+"""Shared set-up of the scripts that evaluate one star-graph checkpoint under several sampler settings
+(``eval_star_sampler.py``, ``star_errors.py``): the command-line options, the ``key=value`` settings, and loading
+the model and the test split."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import torch
+
+from insertion_diffusion.data.star import StarGraphDataModule
+from insertion_diffusion.models import ARM, MDLM, FlexMDM, LoFlexMDM
+
+MODELS = {"FlexMDM": FlexMDM, "LoFlexMDM": LoFlexMDM, "MDLM": MDLM, "ARM": ARM}
+
+
+def parse_setting(text: str) -> dict:
+    """``"steps=128,integrate_hazard=true,confidence=top_prob"`` -> a dict of JSON values (bare words stay text)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, raw = item.partition("=")
+        raw = raw.strip()
+        try:
+            out[key.strip()] = json.loads(raw.lower() if raw.lower() in ("true", "false") else raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def eval_parser(description: str, eval_batch_size: int = 256) -> argparse.ArgumentParser:
+    """The options every checkpoint-evaluation script takes."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--model", default="FlexMDM", choices=sorted(MODELS))
+    ap.add_argument("--preset", default="easy")
+    ap.add_argument("--data-dir", default="benchmarks/out/data")
+    ap.add_argument("--num-test", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-batch-size", type=int, default=eval_batch_size)
+    ap.add_argument("--base", default="top_k=1,confidence=top_prob", help="overrides shared by every setting")
+    ap.add_argument("--settings", nargs="+", default=["steps=128"])
+    return ap
+
+
+def load_for_eval(args: argparse.Namespace):
+    """``(model in eval mode, prepared test DataModule, base sampler config)`` from parsed ``eval_parser`` args."""
+    torch.set_num_threads(args.threads)
+    model = MODELS[args.model].load_from_checkpoint(args.ckpt, map_location="cpu").eval()
+    dm = StarGraphDataModule(preset=args.preset, data_dir=args.data_dir, num_test=args.num_test,
+                             eval_batch_size=args.eval_batch_size)
+    dm.prepare_data()
+    dm.setup("test")
+    return model, dm, dataclasses.replace(model.sampler_cfg, **parse_setting(args.base))
