@@ -122,8 +122,8 @@ class TokenConv(nn.Module):
         self.conv = nn.Conv1d(d_model, d_model, kernel, groups=d_model)
         # Zero bias at initialisation. PyTorch's default bias (uniform in +-1/sqrt(kernel)) adds the same vector,
         # of norm ~0.33 sqrt(d_model), to every position, about 16 times the 0.02-scale embeddings: after the next
-        # LayerNorm every token then looks alike, and a network without a strong loss on its outputs (the order
-        # network) never recovers the token identities (measured: docs/results.md, fifth session).
+        # LayerNorm every token then looks alike. A network without a strong loss on its outputs (the order
+        # network) did not recover the token identities in the runs measured (docs/results.md, fifth session).
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, h: Tensor, valid: Tensor | None) -> Tensor:
