@@ -30,6 +30,7 @@ import math
 import torch
 
 from insertion_diffusion.data.star import StarGraphDataModule
+from insertion_diffusion.metrics.order import rowwise_pearson
 from insertion_diffusion.models import LoFlexMDM
 from insertion_diffusion.order.kumaraswamy import schedule_regularizers
 from insertion_diffusion.process.insertion import partial_state, stratified_times
@@ -119,13 +120,8 @@ def main() -> None:
                 sums[k][d] += v.sum()
                 sq[k][d] += (v * v).sum()
         # per row: does REINFORCE ask for earlier insertion nearer the goal? corr(-grad, -distance)
-        for r in range(noisy.shape[0]):
-            m = noisy[r]
-            if m.sum() > 2:
-                x = -dist[r][m].double()
-                y = -grads["reinforce"][r][m].double()
-                if x.std() > 0 and y.std() > 0:
-                    corr_rows.append(float(torch.corrcoef(torch.stack([x, y]))[0, 1]))
+        corr, ok = rowwise_pearson(-dist.double(), -grads["reinforce"].double(), noisy)
+        corr_rows.extend(corr[ok].tolist())
     print(f"{args.ckpt}: {int(count[0])} rows; -grad w.r.t. b_in per token (positive = insert earlier), "
           "mean +- standard error")
     print(f"{'distance from goal':>18} {'tokens':>7} {'b_in':>7} " + " ".join(f"{k:>22}" for k in TERMS))
