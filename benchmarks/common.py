@@ -1,12 +1,16 @@
-"""Shared helpers for benchmarks: timing, FLOP counting, a measured matmul peak."""
+"""Shared helpers for benchmarks: timing, FLOP counting, a measured matmul peak, a CSV training curve."""
 
 from __future__ import annotations
 
+import csv
+import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import lightning.pytorch as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -35,3 +39,29 @@ def matmul_peak_flops(n: int = 1024, dtype: torch.dtype = torch.float32, repeats
     b = torch.randn(n, n, dtype=dtype)
     sec = median_seconds(lambda: a @ b, repeats, warmup=3)
     return 2.0 * n**3 / sec
+
+
+class CurveWriter(Callback):
+    """Append one CSV row per validation on rank 0: step, wall seconds since construction, and ``keys``.
+
+    ``keys`` are ``trainer.callback_metrics`` names (e.g. ``"val/exact_match"``); a key not logged yet is written as
+    NaN, so every row has the same columns. The column name drops the ``/`` (``val_exact_match``).
+    """
+
+    def __init__(self, path: str, keys: Sequence[str]) -> None:
+        self.path = path
+        self.keys = list(keys)
+        self.t0 = time.time()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.global_rank != 0:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        row = {"step": trainer.global_step, "seconds": round(time.time() - self.t0, 1)}
+        row.update({k.replace("/", "_"): metrics.get(k, float("nan")) for k in self.keys})
+        new = not os.path.exists(self.path)
+        with open(self.path, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)

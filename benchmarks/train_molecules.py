@@ -16,12 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import CurveWriter
 
 from insertion_diffusion.data.molecules import MoleculeDataModule
 from insertion_diffusion.metrics.molecules import molecule_metrics
@@ -32,13 +36,18 @@ from insertion_diffusion.sampling import ARSamplerConfig, MDLMSamplerConfig, Sam
 METHODS = {"flexmdm": FlexMDM, "loflexmdm": LoFlexMDM, "arm": ARM, "mdlm": MDLM}
 
 
-def make_sampler(method: str, steps: int):
-    """Plain sampling (temperature 1, no top-k / top-p, no confidence) for every method."""
+def make_sampler(method: str, steps: int, integrate_hazard: bool = False):
+    """Plain sampling (temperature 1, no top-k / top-p, no confidence) for every method; ``integrate_hazard``
+    (exact per-step hazard integrals, needed by early-insertion schedules) for the insertion models."""
     if method == "arm":
         return ARSamplerConfig()
     if method == "mdlm":
         return MDLMSamplerConfig(steps=steps)
-    return SamplerConfig(steps=steps)
+    return SamplerConfig(steps=steps, integrate_hazard=integrate_hazard)
+
+
+MOLECULE_CURVE_KEYS = ("train/loss", "val/loss", "val/validity", "val/uniqueness", "val/novelty", "val/quality",
+                       "val/nll_per_token")
 
 
 def main() -> None:
@@ -57,25 +66,48 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=10_000)
     ap.add_argument("--no-fcd", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--conv-kernel", type=int, default=0,
+                    help="depthwise convolution width before every block (0: none; causal for ARM)")
+    ap.add_argument("--lr-schedule", default="constant",
+                    help="constant | cosine | wsd[:fraction] (after warm-up; the decaying ones need --max-steps)")
+    ap.add_argument("--insertion-schedule", default="linear",
+                    help="FlexMDM insertion-time CDF: linear | cosine | poly:<p> (p < 1 inserts early)")
+    ap.add_argument("--integrate-hazard", action="store_true",
+                    help="sampler: exact per-step hazard integrals (needed by early-insertion schedules)")
+    ap.add_argument("--order-lr", type=float, default=None, help="LoFlexMDM order-network learning rate")
+    ap.add_argument("--generator-states", type=int, default=2,
+                    help="LoFlexMDM: partial states per row that train the generator (2: the method; 1: faster)")
+    ap.add_argument("--val-every", type=int, default=0, help="validation interval in steps (0: max-steps / 2)")
+    ap.add_argument("--devices", type=int, default=1,
+                    help="CPU processes under DDP (gloo); --batch-size stays the global batch, split evenly")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/out/molecules/run")
     args = ap.parse_args()
+    if args.batch_size % args.devices:
+        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by --devices {args.devices}")
+    val_every = args.val_every or max(1, args.max_steps // 2)
 
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, workers=True)
     os.makedirs(args.out, exist_ok=True)
     dm = MoleculeDataModule(source=args.source, train_size=args.train_size if args.train_size > 0 else None, val_size=256, test_size=args.num_samples,
-                            cache_dir="data_cache/molecules", batch_size=args.batch_size, eval_batch_size=500)
+                            cache_dir="data_cache/molecules", batch_size=args.batch_size // args.devices,
+                            eval_batch_size=500)
     timed = args.method in ("flexmdm", "loflexmdm")
     backbone = TransformerConfig(num_layers=args.layers, d_model=args.width, num_heads=4, d_cond=min(128, args.width),
-                                 dropout=0.0, absolute_positions=True, time_conditioning=timed)
+                                 dropout=0.0, absolute_positions=True, time_conditioning=timed,
+                                 conv_kernel=args.conv_kernel)
     extra = {}
+    if args.method == "flexmdm":
+        extra["insertion_schedule"] = args.insertion_schedule
     if args.method == "loflexmdm":
+        extra.update(order_lr=args.order_lr, generator_states=args.generator_states)
         extra["order_backbone"] = TransformerConfig(num_layers=max(1, args.layers // 2), d_model=args.width,
                                                     num_heads=4, d_cond=min(128, args.width), dropout=0.0,
-                                                    absolute_positions=True)
+                                                    absolute_positions=True, conv_kernel=args.conv_kernel)
     model = METHODS[args.method](dm.tokenizer, dm.max_length, backbone=backbone, lr=args.lr,
-                                 warmup_steps=args.warmup, sampler=make_sampler(args.method, args.sampler_steps),
+                                 warmup_steps=args.warmup, lr_schedule=args.lr_schedule,
+                                 sampler=make_sampler(args.method, args.sampler_steps, args.integrate_hazard),
                                  **extra)
     # Metrics set before fit (the model then keeps them): FCD only at test, against the test rows' SMILES.
     model.val_metrics = molecule_metrics("val/", dm.tokenizer, dm.representation, dm.train_canonical)
@@ -91,11 +123,12 @@ def main() -> None:
     ckpt_dir = os.path.join(args.out, "checkpoints")
     last = os.path.join(ckpt_dir, "last.ckpt")
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_time={"minutes": args.minutes}, max_steps=args.max_steps, max_epochs=-1,
-        val_check_interval=max(1, args.max_steps // 2), check_val_every_n_epoch=None, limit_val_batches=1,
+        accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto", max_time={"minutes": args.minutes}, max_steps=args.max_steps, max_epochs=-1,
+        val_check_interval=val_every, check_val_every_n_epoch=None, limit_val_batches=1,
         num_sanity_val_steps=0, gradient_clip_val=1.0, log_every_n_steps=50, enable_progress_bar=False,
         logger=TensorBoardLogger(args.out, name="tb"),
-        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=max(1, args.max_steps // 4))],
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=min(val_every, max(1, args.max_steps // 4))),
+                   CurveWriter(os.path.join(args.out, "curve.csv"), MOLECULE_CURVE_KEYS)],
     )
     t0 = time.time()
     trainer.fit(model, datamodule=dm, ckpt_path=last if os.path.exists(last) else None)
@@ -106,6 +139,8 @@ def main() -> None:
     result = {"args": vars(args), "global_step": trainer.global_step, "train_seconds_this_run": round(train_s, 1),
               "test_seconds": round(time.time() - t1, 1), "max_length": dm.max_length,
               "vocab_size": dm.tokenizer.vocab_size, **{k: float(v) for k, v in res.items()}}
+    if trainer.global_rank != 0:
+        return
     with open(os.path.join(args.out, "result.json"), "w") as fh:
         json.dump(result, fh, indent=2)
     print(json.dumps(result, indent=2))

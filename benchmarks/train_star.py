@@ -11,15 +11,18 @@ Example (the run recorded in docs/results.md)::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
+import sys
 import time
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import CurveWriter
 
 from insertion_diffusion.data.star import StarGraphDataModule
 from insertion_diffusion.models import ARM, MDLM, FlexMDM, LoFlexMDM
@@ -39,30 +42,8 @@ def make_sampler(method: str, steps: int, confidence: str, integrate_hazard: boo
     return SamplerConfig(steps=steps, top_k=1, confidence=confidence, integrate_hazard=integrate_hazard)
 
 
-class CurveWriter(Callback):
-    """Append (step, seconds, train loss, validation metrics) rows to a CSV after each validation."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.t0 = time.time()
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.global_rank != 0:
-            return
-        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        row = {"step": trainer.global_step, "seconds": round(time.time() - self.t0, 1),
-               "train_loss": m.get("train/loss", float("nan")), "val_loss": m.get("val/loss", float("nan")),
-               "val_exact_match": m.get("val/exact_match", float("nan")),
-               "val_token_accuracy": m.get("val/token_accuracy", float("nan")),
-               "val_nll_per_token": m.get("val/nll_per_token", float("nan")),
-               "val_order_corr_unmask": m.get("val/order_corr_unmask", float("nan")),
-               "val_order_corr_phi": m.get("val/order_corr_phi", float("nan"))}
-        new = not os.path.exists(self.path)
-        with open(self.path, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
+STAR_CURVE_KEYS = ("train/loss", "val/loss", "val/exact_match", "val/token_accuracy", "val/nll_per_token",
+                   "val/order_corr_unmask", "val/order_corr_phi")
 
 
 def main() -> None:
@@ -156,7 +137,7 @@ def main() -> None:
             raise SystemExit(f"--init-generator {args.init_generator}: generator weights do not match: {bad[:5]}")
         print(f"generator initialised from {args.init_generator} ({len(keep)} tensors)")
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=args.val_every),
-                 CurveWriter(os.path.join(args.out, "curve.csv"))]
+                 CurveWriter(os.path.join(args.out, "curve.csv"), STAR_CURVE_KEYS)]
     if args.ema_decay is not None:
         callbacks.append(EMAWeightAveraging(decay=args.ema_decay))
     trainer = L.Trainer(
