@@ -1,0 +1,87 @@
+"""Score one molecule checkpoint under several sampler settings, in one process, on the same rows.
+
+The checkpoint is one written by ``train_molecules.py`` (its ``--out``/checkpoints/last.ckpt). The DataModule is
+rebuilt with the training run's source, sizes and seed, so the test rows, the training set used for novelty and
+the FCD reference are the run's own. Each ``--settings`` entry overrides the checkpoint's sampler config
+(``key=value`` pairs, e.g. ``steps=256,temperature=0.9``); one table row per setting.
+
+    python benchmarks/eval_molecules.py --run benchmarks/out/s6/moses_flexmdm --num-samples 2000 \
+        --settings "steps=128" "steps=128,temperature=0.8" "steps=512"
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+
+import lightning.pytorch as L
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from star_eval import parse_setting
+
+from insertion_diffusion.data.molecules import MoleculeDataModule
+from insertion_diffusion.metrics.molecules import molecule_metrics
+from insertion_diffusion.models import ARM, MDLM, FlexMDM, LoFlexMDM
+
+METHODS = {"flexmdm": FlexMDM, "loflexmdm": LoFlexMDM, "arm": ARM, "mdlm": MDLM}
+COLUMNS = ("validity", "validity_genmol", "uniqueness", "novelty", "quality", "quality_genmol", "diversity", "fcd")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", required=True, help="a train_molecules.py --out directory (result.json, checkpoints/)")
+    ap.add_argument("--num-samples", type=int, default=2000,
+                    help="molecules per setting: the first N of the run's test rows (<= the run's --num-samples)")
+    ap.add_argument("--settings", nargs="+", default=["steps=128"])
+    ap.add_argument("--no-fcd", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the table, not one banner per setting
+
+    with open(os.path.join(args.run, "result.json")) as fh:
+        run = json.load(fh)["args"]
+    if args.num_samples > run["num_samples"]:
+        raise SystemExit(f"--num-samples {args.num_samples} exceeds the run's test rows ({run['num_samples']})")
+    dm = MoleculeDataModule(source=run["source"], train_size=run["train_size"] if run["train_size"] > 0 else None,
+                            val_size=256, test_size=run["num_samples"], cache_dir="data_cache/molecules",
+                            eval_batch_size=500)
+    dm.prepare_data()
+    dm.setup("test")
+    model = METHODS[run["method"]].load_from_checkpoint(os.path.join(args.run, "checkpoints", "last.ckpt"),
+                                                        map_location="cpu").eval()
+    model.eval_seed = args.eval_seed
+    ids = dm.datasets["test"].tensors["input_ids"]
+    lengths = dm.datasets["test"].tensors["lengths"]
+    reference = None if args.no_fcd else [dm.tokenizer.decode(r[: int(n)].tolist()) for r, n in zip(ids, lengths)]
+    limit = -(-args.num_samples // 500)  # whole eval batches of 500 rows
+    base = model.sampler_cfg
+    allowed = {f.name for f in dataclasses.fields(base)}
+    for text in args.settings:
+        unknown = sorted(set(parse_setting(text)) - allowed)
+        if unknown:
+            raise SystemExit(f"--settings {text!r}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    print(f"{run['method']} checkpoint of {args.run}, first {limit * 500} test rows, eval seed {args.eval_seed}")
+    print("| setting | " + " | ".join(COLUMNS) + " | seconds |")
+    print("|---" * (len(COLUMNS) + 2) + "|")
+    for text in args.settings:
+        model.sampler_cfg = dataclasses.replace(base, **parse_setting(text))
+        model.test_metrics = molecule_metrics("test/", dm.tokenizer, dm.representation, dm.train_canonical,
+                                              fcd_reference=reference)
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_test_batches=limit)
+        t0 = time.time()
+        res = trainer.test(model, datamodule=dm, verbose=False)[0]
+        cells = [f"{res.get('test/' + c, float('nan')):.4f}" for c in COLUMNS]
+        print(f"| {text} | " + " | ".join(cells) + f" | {time.time() - t0:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
