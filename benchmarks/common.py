@@ -65,3 +65,25 @@ class CurveWriter(Callback):
             if new:
                 writer.writeheader()
             writer.writerow(row)
+
+
+GENERATOR_PARTS = ("net", "token_head", "gap_head")
+
+
+def init_generator(model: torch.nn.Module, checkpoint: str) -> int:
+    """Copy a FlexMDM checkpoint's generator (transformer, token head, gap head) into ``model`` (a FlexMDM or a
+    LoFlexMDM of the same generator size); everything else, e.g. an order network, keeps its fresh initialisation.
+
+    With ``a = 1`` and ``b = 1`` the two parameterisations coincide, so a LoFlexMDM starts as the FlexMDM it was
+    copied from. Returns the number of tensors copied; raises ``SystemExit`` naming the mismatching keys.
+    """
+    src = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    keep = {k: v for k, v in src.items() if k.split(".")[0] in GENERATOR_PARTS}
+    try:
+        missing, unexpected = model.load_state_dict(keep, strict=False)
+    except RuntimeError as err:  # same keys, other shapes
+        raise SystemExit(f"--init-generator {checkpoint}: generator sizes differ: {str(err).splitlines()[1:3]}") from None
+    bad = [k for k in missing if k.split(".")[0] in GENERATOR_PARTS] + list(unexpected)
+    if bad:
+        raise SystemExit(f"--init-generator {checkpoint}: generator weights do not match: {bad[:5]}")
+    return len(keep)

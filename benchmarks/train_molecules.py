@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import CurveWriter
+from common import CurveWriter, init_generator
 
 from insertion_diffusion.data.molecules import MoleculeDataModule
 from insertion_diffusion.metrics.molecules import molecule_metrics
@@ -77,6 +77,9 @@ def main() -> None:
     ap.add_argument("--order-lr", type=float, default=None, help="LoFlexMDM order-network learning rate")
     ap.add_argument("--generator-states", type=int, default=2,
                     help="LoFlexMDM: partial states per row that train the generator (2: the method; 1: faster)")
+    ap.add_argument("--init-generator", default=None,
+                    help="flexmdm / loflexmdm: start the generator from this FlexMDM checkpoint of the same size "
+                         "(fresh optimiser and schedule; a LoFlexMDM's order network starts fresh)")
     ap.add_argument("--val-every", type=int, default=0, help="validation interval in steps (0: max-steps / 2)")
     ap.add_argument("--devices", type=int, default=1,
                     help="CPU processes under DDP (gloo); --batch-size stays the global batch, split evenly")
@@ -122,6 +125,11 @@ def main() -> None:
                                           fcd_reference=reference)
     ckpt_dir = os.path.join(args.out, "checkpoints")
     last = os.path.join(ckpt_dir, "last.ckpt")
+    if args.init_generator and not os.path.exists(last):
+        if args.method not in ("flexmdm", "loflexmdm"):
+            raise SystemExit("--init-generator applies to --method flexmdm or loflexmdm")
+        n = init_generator(model, args.init_generator)
+        print(f"generator initialised from {args.init_generator} ({n} tensors)")
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto", max_time={"minutes": args.minutes}, max_steps=args.max_steps, max_epochs=-1,
         val_check_interval=val_every, check_val_every_n_epoch=None, limit_val_batches=1,

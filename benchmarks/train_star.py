@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import CurveWriter
+from common import CurveWriter, init_generator
 
 from insertion_diffusion.data.star import StarGraphDataModule
 from insertion_diffusion.models import ARM, MDLM, FlexMDM, LoFlexMDM
@@ -129,13 +129,8 @@ def main() -> None:
     if args.init_generator and not os.path.exists(last):
         if args.method != "loflexmdm":
             raise SystemExit("--init-generator applies to --method loflexmdm")
-        src = torch.load(args.init_generator, map_location="cpu", weights_only=False)["state_dict"]
-        keep = {k: v for k, v in src.items() if k.split(".")[0] in ("net", "token_head", "gap_head")}
-        missing, unexpected = model.load_state_dict(keep, strict=False)
-        bad = [k for k in missing if k.split(".")[0] in ("net", "token_head", "gap_head")] + list(unexpected)
-        if bad:
-            raise SystemExit(f"--init-generator {args.init_generator}: generator weights do not match: {bad[:5]}")
-        print(f"generator initialised from {args.init_generator} ({len(keep)} tensors)")
+        n = init_generator(model, args.init_generator)
+        print(f"generator initialised from {args.init_generator} ({n} tensors)")
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=args.val_every),
                  CurveWriter(os.path.join(args.out, "curve.csv"), STAR_CURVE_KEYS)]
     if args.ema_decay is not None:

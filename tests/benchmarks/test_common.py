@@ -1,4 +1,5 @@
-"""The benchmarks' shared CSV curve writer, driven by a real (tiny) Lightning fit."""
+"""The benchmarks' shared helpers: the CSV curve writer (driven by a real, tiny Lightning fit) and the copy of a
+FlexMDM generator into another model."""
 
 from __future__ import annotations
 
@@ -8,10 +9,16 @@ import os
 import sys
 
 import lightning.pytorch as L
+import pytest
+import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
+from insertion_diffusion.models import FlexMDM, LoFlexMDM
+from insertion_diffusion.nn.transformer import TransformerConfig
+from insertion_diffusion.tokenizers import IntegerTokenizer
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-from common import CurveWriter
+from common import GENERATOR_PARTS, CurveWriter, init_generator
 
 
 class LoggingBoringModel(BoringModel):
@@ -35,3 +42,34 @@ def test_curve_writer_writes_one_row_per_validation_with_fixed_columns(tmp_path)
     assert list(rows[0]) == ["step", "seconds", "val_loss", "val_never_logged"]
     assert all(math.isfinite(float(r["val_loss"])) for r in rows)
     assert all(math.isnan(float(r["val_never_logged"])) for r in rows)
+
+
+def _pair(width: int = 16):
+    tok = IntegerTokenizer(10)
+    cfg = TransformerConfig(num_layers=1, d_model=width, num_heads=2, d_cond=8)
+    torch.manual_seed(0)
+    flex = FlexMDM(tok, 16, backbone=cfg)
+    torch.manual_seed(1)
+    lo = LoFlexMDM(tok, 16, backbone=cfg)
+    return flex, lo
+
+
+def test_init_generator_copies_the_generator_and_leaves_the_order_network(tmp_path):
+    flex, lo = _pair()
+    path = tmp_path / "flex.ckpt"
+    torch.save({"state_dict": flex.state_dict()}, path)
+    order_before = {k: v.clone() for k, v in lo.state_dict().items() if k.split(".")[0] not in GENERATOR_PARTS}
+    n = init_generator(lo, str(path))
+    copied = {k: v for k, v in flex.state_dict().items() if k.split(".")[0] in GENERATOR_PARTS}
+    assert n == len(copied) > 0
+    assert all(torch.equal(lo.state_dict()[k], v) for k, v in copied.items())
+    assert all(torch.equal(lo.state_dict()[k], v) for k, v in order_before.items())
+
+
+def test_init_generator_of_another_size_names_the_checkpoint(tmp_path):
+    flex, _ = _pair(width=16)
+    _, lo = _pair(width=32)
+    path = tmp_path / "flex.ckpt"
+    torch.save({"state_dict": flex.state_dict()}, path)
+    with pytest.raises(SystemExit, match="flex.ckpt: generator sizes differ"):
+        init_generator(lo, str(path))
