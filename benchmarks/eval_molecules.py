@@ -35,7 +35,7 @@ COLUMNS = ("validity", "validity_genmol", "uniqueness", "novelty", "quality", "q
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", required=True, help="a train_molecules.py --out directory (result.json, checkpoints/)")
+    ap.add_argument("--run", required=True, help="a train_molecules.py --out directory (args.json or result.json, checkpoints/)")
     ap.add_argument("--num-samples", type=int, default=2000,
                     help="molecules per setting: the first N of the run's test rows (<= the run's --num-samples)")
     ap.add_argument("--settings", nargs="+", default=["steps=128"])
@@ -46,8 +46,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the table, not one banner per setting
 
-    with open(os.path.join(args.run, "result.json")) as fh:
-        run = json.load(fh)["args"]
+    if os.path.exists(os.path.join(args.run, "args.json")):
+        with open(os.path.join(args.run, "args.json")) as fh:
+            run = json.load(fh)
+    else:  # runs from before args.json
+        with open(os.path.join(args.run, "result.json")) as fh:
+            run = json.load(fh)["args"]
     if args.num_samples > run["num_samples"]:
         raise SystemExit(f"--num-samples {args.num_samples} exceeds the run's test rows ({run['num_samples']})")
     dm = MoleculeDataModule(source=run["source"], train_size=run["train_size"] if run["train_size"] > 0 else None,

@@ -50,7 +50,7 @@ MOLECULE_CURVE_KEYS = ("train/loss", "val/loss", "val/validity", "val/uniqueness
                        "val/nll_per_token")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--method", default="flexmdm", choices=sorted(METHODS))
     ap.add_argument("--source", default="moses")
@@ -85,7 +85,11 @@ def main() -> None:
                     help="CPU processes under DDP (gloo); --batch-size stays the global batch, split evenly")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/out/molecules/run")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.batch_size % args.devices:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by --devices {args.devices}")
     val_every = args.val_every or max(1, args.max_steps // 2)
@@ -93,6 +97,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, workers=True)
     os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "args.json"), "w") as fh:  # read by eval_molecules.py, before any test
+        json.dump(vars(args), fh, indent=2)
     dm = MoleculeDataModule(source=args.source, train_size=args.train_size if args.train_size > 0 else None, val_size=256, test_size=args.num_samples,
                             cache_dir="data_cache/molecules", batch_size=args.batch_size // args.devices,
                             eval_batch_size=500)
