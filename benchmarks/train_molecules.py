@@ -97,8 +97,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, workers=True)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "args.json"), "w") as fh:  # read by eval_molecules.py, before any test
-        json.dump(vars(args), fh, indent=2)
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP re-runs this script in each extra process
+        with open(os.path.join(args.out, "args.json"), "w") as fh:  # read by eval_molecules.py, before any test
+            json.dump(vars(args), fh, indent=2)
     dm = MoleculeDataModule(source=args.source, train_size=args.train_size if args.train_size > 0 else None, val_size=256, test_size=args.num_samples,
                             cache_dir="data_cache/molecules", batch_size=args.batch_size // args.devices,
                             eval_batch_size=500)
