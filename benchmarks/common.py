@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import statistics
@@ -87,3 +88,26 @@ def init_generator(model: torch.nn.Module, checkpoint: str) -> int:
     if bad:
         raise SystemExit(f"--init-generator {checkpoint}: generator weights do not match: {bad[:5]}")
     return len(keep)
+
+
+def add_recipe_arguments(ap: argparse.ArgumentParser) -> None:
+    """The training-recipe options the star and molecule training scripts share (same names, defaults and help)."""
+    ap.add_argument("--conv-kernel", type=int, default=0,
+                    help="depthwise convolution width before every block (0: none; causal for ARM)")
+    ap.add_argument("--lr-schedule", default="constant",
+                    help="constant | cosine | wsd[:fraction] (after warm-up; the decaying ones need --max-steps)")
+    ap.add_argument("--insertion-schedule", default="linear",
+                    help="FlexMDM insertion-time CDF: linear | cosine | poly:<p> (p < 1 inserts early)")
+    ap.add_argument("--integrate-hazard", action="store_true",
+                    help="sampler: exact per-step hazard integrals (needed by early-insertion schedules, poly:<p<1>)")
+    ap.add_argument("--order-lr", type=float, default=None, help="LoFlexMDM order-network learning rate")
+    ap.add_argument("--generator-states", type=int, default=2,
+                    help="LoFlexMDM: partial states per row that train the generator (2: the method; 1: faster)")
+    ap.add_argument("--devices", type=int, default=1,
+                    help="CPU processes under DDP (gloo); --batch-size stays the global batch, split evenly")
+
+
+def check_recipe_arguments(args: argparse.Namespace) -> None:
+    """Refuse a global batch that the DDP processes cannot split evenly."""
+    if args.batch_size % args.devices:
+        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by --devices {args.devices}")

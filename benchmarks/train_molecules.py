@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import CurveWriter, init_generator
+from common import CurveWriter, add_recipe_arguments, check_recipe_arguments, init_generator
 
 from insertion_diffusion.data.molecules import MoleculeDataModule
 from insertion_diffusion.metrics.molecules import molecule_metrics
@@ -66,23 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-samples", type=int, default=10_000)
     ap.add_argument("--no-fcd", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--conv-kernel", type=int, default=0,
-                    help="depthwise convolution width before every block (0: none; causal for ARM)")
-    ap.add_argument("--lr-schedule", default="constant",
-                    help="constant | cosine | wsd[:fraction] (after warm-up; the decaying ones need --max-steps)")
-    ap.add_argument("--insertion-schedule", default="linear",
-                    help="FlexMDM insertion-time CDF: linear | cosine | poly:<p> (p < 1 inserts early)")
-    ap.add_argument("--integrate-hazard", action="store_true",
-                    help="sampler: exact per-step hazard integrals (needed by early-insertion schedules)")
-    ap.add_argument("--order-lr", type=float, default=None, help="LoFlexMDM order-network learning rate")
-    ap.add_argument("--generator-states", type=int, default=2,
-                    help="LoFlexMDM: partial states per row that train the generator (2: the method; 1: faster)")
     ap.add_argument("--init-generator", default=None,
                     help="flexmdm / loflexmdm: start the generator from this FlexMDM checkpoint of the same size "
                          "(fresh optimiser and schedule; a LoFlexMDM's order network starts fresh)")
     ap.add_argument("--val-every", type=int, default=0, help="validation interval in steps (0: max-steps / 2)")
-    ap.add_argument("--devices", type=int, default=1,
-                    help="CPU processes under DDP (gloo); --batch-size stays the global batch, split evenly")
+    add_recipe_arguments(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/out/molecules/run")
     return ap
@@ -90,8 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
-    if args.batch_size % args.devices:
-        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by --devices {args.devices}")
+    check_recipe_arguments(args)
     val_every = args.val_every or max(1, args.max_steps // 2)
 
     torch.set_num_threads(args.threads)

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import CurveWriter, init_generator
+from common import CurveWriter, add_recipe_arguments, check_recipe_arguments, init_generator
 
 from insertion_diffusion.data.star import StarGraphDataModule
 from insertion_diffusion.models import ARM, MDLM, FlexMDM, LoFlexMDM
@@ -57,13 +57,10 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--order-layers", type=int, default=2, help="LoFlexMDM order-network layers")
-    ap.add_argument("--order-lr", type=float, default=None, help="LoFlexMDM order-network learning rate")
     ap.add_argument("--order-time-conditioning", action="store_true",
                     help="LoFlexMDM: the order network also reads t (AdaLN-Zero blocks, identity at initialisation)")
     ap.add_argument("--reg-weight", type=float, default=1.0, help="LoFlexMDM: weight of each schedule regulariser")
     ap.add_argument("--no-pathwise", action="store_true", help="LoFlexMDM: REINFORCE and regularisers only")
-    ap.add_argument("--generator-states", type=int, default=2,
-                    help="LoFlexMDM: partial states per row that train the generator (2: the method; 1: faster)")
     ap.add_argument("--advantage", default="per_mask", help="LoFlexMDM advantage_normalization")
     ap.add_argument("--init-generator", default=None,
                     help="LoFlexMDM: start the generator (backbone, token head, gap head) from this FlexMDM checkpoint "
@@ -73,13 +70,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=500)
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--no-abs-pos", action="store_true", help="rotary positions only (no absolute embedding)")
-    ap.add_argument("--conv-kernel", type=int, default=0,
-                    help="depthwise convolution width before every block (0: none; causal for ARM)")
-    ap.add_argument("--lr-schedule", default="constant",
-                    help="constant | cosine | wsd[:fraction] (after warm-up; the decaying ones need --max-steps)")
     ap.add_argument("--insert-weight", type=float, default=0.1)
-    ap.add_argument("--insertion-schedule", default="linear",
-                    help='FlexMDM insertion-time CDF: linear | cosine | poly:<p> (p < 1 inserts early)')
     ap.add_argument("--unmasking-schedule", default="linear", help="FlexMDM unmasking-time CDF (same choices)")
     ap.add_argument("--ema-decay", type=float, default=None,
                     help="evaluate an exponential moving average of the weights (Lightning EMAWeightAveraging)")
@@ -87,16 +78,12 @@ def main() -> None:
     ap.add_argument("--val-steps", type=int, default=64, help="sampler steps during validation")
     ap.add_argument("--test-steps", type=int, default=128, help="sampler steps at test")
     ap.add_argument("--confidence", default="top_prob")
-    ap.add_argument("--integrate-hazard", action="store_true",
-                    help="sampler: exact per-step hazard integrals (needed by early-insertion schedules, poly:<p<1>)")
     ap.add_argument("--num-test", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads per process")
-    ap.add_argument("--devices", type=int, default=1,
-                    help="CPU processes under DDP (gloo); --batch-size stays the global batch, split evenly")
+    add_recipe_arguments(ap)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    if args.batch_size % args.devices:
-        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by --devices {args.devices}")
+    check_recipe_arguments(args)
 
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, workers=True)
