@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 from star_eval import parse_setting
 
 from insertion_diffusion.data.molecules import MoleculeDataModule
-from insertion_diffusion.metrics.molecules import molecule_metrics
 from insertion_diffusion.models import ARM, MDLM, FlexMDM, LoFlexMDM
 
 METHODS = {"flexmdm": FlexMDM, "loflexmdm": LoFlexMDM, "arm": ARM, "mdlm": MDLM}
@@ -54,17 +53,13 @@ def main() -> None:
             run = json.load(fh)["args"]
     if args.num_samples > run["num_samples"]:
         raise SystemExit(f"--num-samples {args.num_samples} exceeds the run's test rows ({run['num_samples']})")
-    dm = MoleculeDataModule(source=run["source"], train_size=run["train_size"] if run["train_size"] > 0 else None,
+    dm = MoleculeDataModule(source=run["source"], representation=run.get("representation", "smiles"),
+                            train_size=run["train_size"] if run["train_size"] > 0 else None,
                             val_size=256, test_size=run["num_samples"], cache_dir="data_cache/molecules",
-                            eval_batch_size=500)
-    dm.prepare_data()
-    dm.setup("test")
+                            eval_batch_size=500, fcd_reference=None if args.no_fcd else "test")
     model = METHODS[run["method"]].load_from_checkpoint(os.path.join(args.run, "checkpoints", "last.ckpt"),
                                                         map_location="cpu").eval()
     model.eval_seed = args.eval_seed
-    ids = dm.datasets["test"].tensors["input_ids"]
-    lengths = dm.datasets["test"].tensors["lengths"]
-    reference = None if args.no_fcd else [dm.tokenizer.decode(r[: int(n)].tolist()) for r, n in zip(ids, lengths)]
     limit = -(-args.num_samples // 500)  # whole eval batches of 500 rows
     base = model.sampler_cfg
     allowed = {f.name for f in dataclasses.fields(base)}
@@ -77,8 +72,7 @@ def main() -> None:
     print("|---" * (len(COLUMNS) + 2) + "|")
     for text in args.settings:
         model.sampler_cfg = dataclasses.replace(base, **parse_setting(text))
-        model.test_metrics = molecule_metrics("test/", dm.tokenizer, dm.representation, dm.train_canonical,
-                                              fcd_reference=reference)
+        model.test_metrics = dm.make_metrics("test/")  # fresh per setting; FCD against the test rows as SMILES
         trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                             enable_model_summary=False, limit_test_batches=limit)
         t0 = time.time()

@@ -28,7 +28,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import CurveWriter, add_recipe_arguments, check_recipe_arguments, init_generator
 
 from insertion_diffusion.data.molecules import MoleculeDataModule
-from insertion_diffusion.metrics.molecules import molecule_metrics
 from insertion_diffusion.models import ARM, MDLM, FlexMDM, LoFlexMDM
 from insertion_diffusion.nn.transformer import TransformerConfig
 from insertion_diffusion.sampling import ARSamplerConfig, MDLMSamplerConfig, SamplerConfig
@@ -54,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--method", default="flexmdm", choices=sorted(METHODS))
     ap.add_argument("--source", default="moses")
+    ap.add_argument("--representation", default="smiles", choices=("smiles", "safe", "bracket_safe"),
+                    help="what the model writes; SAFE forms are scored with lenient decoding as GenMol validity")
     ap.add_argument("--train-size", type=int, default=200_000)
     ap.add_argument("--max-steps", type=int, default=800)
     ap.add_argument("--minutes", type=float, default=30.0)
@@ -87,9 +88,11 @@ def main() -> None:
     if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP re-runs this script in each extra process
         with open(os.path.join(args.out, "args.json"), "w") as fh:  # read by eval_molecules.py, before any test
             json.dump(vars(args), fh, indent=2)
-    dm = MoleculeDataModule(source=args.source, train_size=args.train_size if args.train_size > 0 else None, val_size=256, test_size=args.num_samples,
-                            cache_dir="data_cache/molecules", batch_size=args.batch_size // args.devices,
-                            eval_batch_size=500)
+    dm = MoleculeDataModule(source=args.source, representation=args.representation,
+                            train_size=args.train_size if args.train_size > 0 else None, val_size=256,
+                            test_size=args.num_samples, cache_dir="data_cache/molecules",
+                            fcd_reference=None if args.no_fcd else "test",
+                            batch_size=args.batch_size // args.devices, eval_batch_size=500)
     timed = args.method in ("flexmdm", "loflexmdm")
     backbone = TransformerConfig(num_layers=args.layers, d_model=args.width, num_heads=4, d_cond=min(128, args.width),
                                  dropout=0.0, absolute_positions=True, time_conditioning=timed,
@@ -106,17 +109,6 @@ def main() -> None:
                                  warmup_steps=args.warmup, lr_schedule=args.lr_schedule,
                                  sampler=make_sampler(args.method, args.sampler_steps, args.integrate_hazard),
                                  **extra)
-    # Metrics set before fit (the model then keeps them): FCD only at test, against the test rows' SMILES.
-    model.val_metrics = molecule_metrics("val/", dm.tokenizer, dm.representation, dm.train_canonical)
-    dm.prepare_data()
-    dm.setup("test")
-    reference = None
-    if not args.no_fcd:
-        ids = dm.datasets["test"].tensors["input_ids"]
-        lengths = dm.datasets["test"].tensors["lengths"]
-        reference = [dm.tokenizer.decode(row[: int(n)].tolist()) for row, n in zip(ids, lengths)]
-    model.test_metrics = molecule_metrics("test/", dm.tokenizer, dm.representation, dm.train_canonical,
-                                          fcd_reference=reference)
     ckpt_dir = os.path.join(args.out, "checkpoints")
     last = os.path.join(ckpt_dir, "last.ckpt")
     if args.init_generator and not os.path.exists(last):
