@@ -1,9 +1,12 @@
-"""Shared helpers for benchmarks: timing, FLOP counting, a measured matmul peak, a CSV training curve."""
+"""Shared helpers for benchmarks: timing, FLOP counting, a measured matmul peak, a CSV training curve, sampler
+settings given as ``key=value`` text."""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import json
 import os
 import statistics
 import time
@@ -111,3 +114,31 @@ def check_recipe_arguments(args: argparse.Namespace) -> None:
     """Refuse a global batch that the DDP processes cannot split evenly."""
     if args.batch_size % args.devices:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by --devices {args.devices}")
+
+
+def parse_setting(text: str) -> dict:
+    """``"steps=128,integrate_hazard=true,confidence=top_prob"`` -> a dict of JSON values (bare words stay text)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, raw = item.partition("=")
+        raw = raw.strip()
+        try:
+            out[key.strip()] = json.loads(raw.lower() if raw.lower() in ("true", "false") else raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def with_setting(cfg, setting: str | dict, option: str = "--settings"):
+    """``cfg`` (a sampler config dataclass) with the overrides of ``setting`` (``key=value`` text or its parsed
+    dict). An unknown key or a refused value exits with one line naming ``option``, the setting and the fix."""
+    values = parse_setting(setting) if isinstance(setting, str) else setting
+    text = setting if isinstance(setting, str) else ",".join(f"{k}={v}" for k, v in setting.items())
+    allowed = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise SystemExit(f"{option} {text!r}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    try:
+        return dataclasses.replace(cfg, **values)
+    except (TypeError, ValueError) as err:  # the config's own check, e.g. confidence=fastest or steps=0
+        raise SystemExit(f"{option} {text!r}: {err}") from None

@@ -12,7 +12,6 @@ the FCD reference are the run's own. Each ``--settings`` entry overrides the che
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ import lightning.pytorch as L
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from star_eval import parse_setting
+from common import with_setting
 
 from insertion_diffusion.data.molecules import MoleculeDataModule
 from insertion_diffusion.models import ARM, MDLM, FlexMDM, LoFlexMDM
@@ -62,16 +61,12 @@ def main() -> None:
     model.eval_seed = args.eval_seed
     limit = -(-args.num_samples // 500)  # whole eval batches of 500 rows
     base = model.sampler_cfg
-    allowed = {f.name for f in dataclasses.fields(base)}
-    for text in args.settings:
-        unknown = sorted(set(parse_setting(text)) - allowed)
-        if unknown:
-            raise SystemExit(f"--settings {text!r}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    configs = [with_setting(base, text) for text in args.settings]  # every setting checked before any sampling
     print(f"{run['method']} checkpoint of {args.run}, first {limit * 500} test rows, eval seed {args.eval_seed}")
     print("| setting | " + " | ".join(COLUMNS) + " | seconds |")
     print("|---" * (len(COLUMNS) + 2) + "|")
-    for text in args.settings:
-        model.sampler_cfg = dataclasses.replace(base, **parse_setting(text))
+    for text, cfg in zip(args.settings, configs):
+        model.sampler_cfg = cfg
         model.test_metrics = dm.make_metrics("test/")  # fresh per setting; FCD against the test rows as SMILES
         trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                             enable_model_summary=False, limit_test_batches=limit)

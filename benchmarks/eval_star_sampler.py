@@ -14,12 +14,12 @@ Example (the comparison in docs/results.md)::
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 
 import lightning.pytorch as L
-from star_eval import eval_parser, load_for_eval, parse_setting
+from common import with_setting
+from star_eval import eval_parser, load_for_eval
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
                         enable_model_summary=False, enable_checkpointing=False)
     print(f"{os.path.basename(os.path.dirname(os.path.dirname(args.ckpt)))}: {args.num_test} {args.preset} test graphs")
     for text in args.settings:
-        model.sampler_cfg = dataclasses.replace(base, **parse_setting(text))
+        model.sampler_cfg = with_setting(base, text)
         t0 = time.time()
         res = trainer.test(model, datamodule=dm, verbose=False)[0]
         print(f"{text:<40} exact {res['test/exact_match']:.3f}  valid path {res['test/valid_path']:.3f}  "

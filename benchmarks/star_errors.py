@@ -18,10 +18,10 @@ Example::
 from __future__ import annotations
 
 import collections
-import dataclasses
 
 import torch
-from star_eval import eval_parser, load_for_eval, parse_setting
+from common import parse_setting, with_setting
+from star_eval import eval_parser, load_for_eval
 
 KINDS = ("exact", "length", "off-graph", "broken chain", "wrong arm")
 
@@ -50,7 +50,7 @@ def main() -> None:
         setting = parse_setting(text)
         # eval_seed is the model's, not the sampler's: it seeds each batch's sampling noise
         model.eval_seed = int(setting.pop("eval_seed", 0))
-        model.sampler_cfg = dataclasses.replace(base, **setting)
+        model.sampler_cfg = with_setting(base, setting)
         counts: collections.Counter = collections.Counter()
         deltas: collections.Counter = collections.Counter()
         for i, batch in enumerate(dm.test_dataloader()):

@@ -1,32 +1,18 @@
 """Shared set-up of the scripts that evaluate one star-graph checkpoint under several sampler settings
-(``eval_star_sampler.py``, ``star_errors.py``): the command-line options, the ``key=value`` settings, and loading
+(``eval_star_sampler.py``, ``star_errors.py``): the command-line options and loading
 the model and the test split."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 
 import torch
+from common import with_setting
 
 from insertion_diffusion.data.star import StarGraphDataModule
 from insertion_diffusion.models import ARM, MDLM, FlexMDM, LoFlexMDM
 
 MODELS = {"FlexMDM": FlexMDM, "LoFlexMDM": LoFlexMDM, "MDLM": MDLM, "ARM": ARM}
-
-
-def parse_setting(text: str) -> dict:
-    """``"steps=128,integrate_hazard=true,confidence=top_prob"`` -> a dict of JSON values (bare words stay text)."""
-    out = {}
-    for item in filter(None, text.split(",")):
-        key, _, raw = item.partition("=")
-        raw = raw.strip()
-        try:
-            out[key.strip()] = json.loads(raw.lower() if raw.lower() in ("true", "false") else raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
-    return out
 
 
 def eval_parser(description: str, eval_batch_size: int = 256) -> argparse.ArgumentParser:
@@ -52,4 +38,4 @@ def load_for_eval(args: argparse.Namespace):
                              eval_batch_size=args.eval_batch_size)
     dm.prepare_data()
     dm.setup("test")
-    return model, dm, dataclasses.replace(model.sampler_cfg, **parse_setting(args.base))
+    return model, dm, with_setting(model.sampler_cfg, args.base, "--base")

@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import CurveWriter, add_recipe_arguments, check_recipe_arguments, init_generator
+from common import CurveWriter, add_recipe_arguments, check_recipe_arguments, init_generator, with_setting
 
 from insertion_diffusion.data.molecules import MoleculeDataModule
 from insertion_diffusion.models import ARM, MDLM, FlexMDM, LoFlexMDM
@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--sampler-steps", type=int, default=32)
+    ap.add_argument("--sampler-settings", default="",
+                    help="overrides of the sampler used at validation and test, e.g. 'top_k=1,confidence=top_prob' "
+                         "(default: plain sampling at temperature 1)")
+    ap.add_argument("--no-test", action="store_true",
+                    help="stop after training (score the checkpoint later with eval_molecules.py)")
     ap.add_argument("--num-samples", type=int, default=10_000)
     ap.add_argument("--no-fcd", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
@@ -107,7 +112,8 @@ def main() -> None:
                                                     absolute_positions=True, conv_kernel=args.conv_kernel)
     model = METHODS[args.method](dm.tokenizer, dm.max_length, backbone=backbone, lr=args.lr,
                                  warmup_steps=args.warmup, lr_schedule=args.lr_schedule,
-                                 sampler=make_sampler(args.method, args.sampler_steps, args.integrate_hazard),
+                                 sampler=with_setting(make_sampler(args.method, args.sampler_steps, args.integrate_hazard),
+                                                      args.sampler_settings, "--sampler-settings"),
                                  **extra)
     ckpt_dir = os.path.join(args.out, "checkpoints")
     last = os.path.join(ckpt_dir, "last.ckpt")
@@ -128,6 +134,9 @@ def main() -> None:
     trainer.fit(model, datamodule=dm, ckpt_path=last if os.path.exists(last) else None)
     train_s = time.time() - t0
     trainer.save_checkpoint(last)
+    if args.no_test:
+        print(f"trained to step {trainer.global_step} in {train_s:.0f} s; no test (--no-test)")
+        return
     t1 = time.time()
     res = trainer.test(model, datamodule=dm, verbose=False)[0]
     result = {"args": vars(args), "global_step": trainer.global_step, "train_seconds_this_run": round(train_s, 1),

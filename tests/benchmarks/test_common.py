@@ -1,5 +1,5 @@
-"""The benchmarks' shared helpers: the CSV curve writer (driven by a real, tiny Lightning fit) and the copy of a
-FlexMDM generator into another model."""
+"""The benchmarks' shared helpers: the CSV curve writer (driven by a real, tiny Lightning fit), the copy of a
+FlexMDM generator into another model, and sampler settings given as ``key=value`` text."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from insertion_diffusion.models import FlexMDM, LoFlexMDM
+from insertion_diffusion.sampling import SamplerConfig
 from insertion_diffusion.nn.transformer import TransformerConfig
 from insertion_diffusion.tokenizers import IntegerTokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-from common import GENERATOR_PARTS, CurveWriter, init_generator
+from common import GENERATOR_PARTS, CurveWriter, init_generator, parse_setting, with_setting
 
 
 class LoggingBoringModel(BoringModel):
@@ -73,3 +74,22 @@ def test_init_generator_of_another_size_names_the_checkpoint(tmp_path):
     torch.save({"state_dict": flex.state_dict()}, path)
     with pytest.raises(SystemExit, match="flex.ckpt: generator sizes differ"):
         init_generator(lo, str(path))
+
+
+def test_settings_text_overrides_a_sampler_config_with_typed_values():
+    assert parse_setting("steps=256,integrate_hazard=True,confidence=top_prob,top_p=0.5") == {
+        "steps": 256, "integrate_hazard": True, "confidence": "top_prob", "top_p": 0.5}
+    base = SamplerConfig(steps=32)
+    cfg = with_setting(base, "top_k=1,confidence=top_prob")
+    assert (cfg.steps, cfg.top_k, cfg.confidence, base.top_k) == (32, 1, "top_prob", None)
+    assert with_setting(base, "") == base
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("stepz=16", r"--sampler-settings 'stepz=16': unknown key\(s\) \['stepz'\]; allowed: \[.*'steps'"),
+    ("confidence=fastest", r"--sampler-settings 'confidence=fastest': sampler.confidence='fastest'; allowed values"),
+    ("steps=0", r"--sampler-settings 'steps=0': sampler.steps must be >= 1"),
+])
+def test_a_bad_setting_exits_with_one_line_naming_the_option(text, message):
+    with pytest.raises(SystemExit, match=message):
+        with_setting(SamplerConfig(), text, "--sampler-settings")
