@@ -109,6 +109,16 @@ def test_unconditional_start_from_eos():
     assert (out.lengths > 1).any()
 
 
+def test_greedy_de_novo_rows_differ_through_their_random_insertions():
+    """Greedy tokens do not make unconditional generation deterministic: every row starts from the same [EOS],
+    but the insertion counts are drawn per row, so rows end with different lengths (and, for a real model,
+    different contexts for their greedy tokens). This is why `top_k: 1` is usable for de novo molecules."""
+    prompts = [None] * 16
+    out = run(DummyModel(insert_rate=1.5), prompts=prompts, max_length=24, top_k=1, confidence="top_prob")
+    check_invariants(out, prompts, 24)
+    assert len(set(out.lengths.tolist())) > 1
+
+
 @pytest.mark.parametrize("trim", [False, True])
 def test_model_sees_increasing_times_and_valid_masks(trim):
     model = DummyModel()
