@@ -14,8 +14,8 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from insertion_diffusion.models import FlexMDM, LoFlexMDM
-from insertion_diffusion.sampling import SamplerConfig
 from insertion_diffusion.nn.transformer import TransformerConfig
+from insertion_diffusion.sampling import SamplerConfig
 from insertion_diffusion.tokenizers import IntegerTokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
