@@ -47,9 +47,10 @@ class MoleculeSampleLogger(Callback):
     rows are gathered with ``all_gather_object``, rows repeated by the sampler's padding are dropped by index.
 
     Args:
-        every_n_epochs: run at the validations of every ``n``-th training epoch (epochs ``n - 1``, ``2n - 1``,
-            ...; with a step-based ``val_check_interval`` that is every validation inside those epochs). Test
-            runs are always logged. The sanity check is never logged.
+        every_n_validations: log every ``n``-th validation run (the ``n``-th, ``2n``-th, ...), counted over the
+            whole fit whether validation is epoch- or step-based (``val_check_interval``); the count is saved in
+            checkpoints, so a resumed run keeps the rhythm. Test runs are always logged. The sanity check is never
+            logged and not counted.
         num_samples: molecules to generate per logged run.
         grid_size: molecules drawn in the grid (0: no image).
         stages: which of ``"val"`` and ``"test"`` to log.
@@ -61,7 +62,7 @@ class MoleculeSampleLogger(Callback):
 
     def __init__(
         self,
-        every_n_epochs: int = 1,
+        every_n_validations: int = 1,
         num_samples: int = 256,
         grid_size: int = 16,
         stages: Sequence[str] = STAGES,
@@ -71,8 +72,8 @@ class MoleculeSampleLogger(Callback):
         write_csv: bool = True,
     ) -> None:
         super().__init__()
-        if every_n_epochs < 1:
-            raise ValueError(f"MoleculeSampleLogger: every_n_epochs must be >= 1, got {every_n_epochs}")
+        if every_n_validations < 1:
+            raise ValueError(f"MoleculeSampleLogger: every_n_validations must be >= 1, got {every_n_validations}")
         if num_samples < 1:
             raise ValueError(f"MoleculeSampleLogger: num_samples must be >= 1, got {num_samples}")
         if grid_size < 0 or mols_per_row < 1 or sub_image_size < 16:
@@ -83,7 +84,8 @@ class MoleculeSampleLogger(Callback):
             raise ValueError(f"MoleculeSampleLogger: unknown stages {sorted(unknown)}; use any of {list(STAGES)}")
         if representation is not None and representation not in REPRESENTATIONS:
             raise ValueError(f"unknown representation {representation!r}; use one of {list(REPRESENTATIONS)}")
-        self.every_n_epochs = every_n_epochs
+        self.every_n_validations = every_n_validations
+        self.validations_seen = 0
         self.num_samples = num_samples
         self.grid_size = grid_size
         self.stages = stages
@@ -97,9 +99,16 @@ class MoleculeSampleLogger(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or "val" not in self.stages:
             return
-        if (trainer.current_epoch + 1) % self.every_n_epochs:
+        self.validations_seen += 1
+        if self.validations_seen % self.every_n_validations:
             return
         self._run(trainer, pl_module, "val")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations_seen": self.validations_seen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.validations_seen = int(state_dict.get("validations_seen", 0))
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if "test" in self.stages:

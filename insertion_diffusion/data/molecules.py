@@ -61,17 +61,20 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 MOSES_WHEEL = "molsets==0.3.1"
 MOSES_FILES: dict[str, dict[str, Any]] = {
-    # the MOSES splits as shipped inside the molsets 0.3.1 wheel (moses/dataset/data/<split>.csv.gz)
+    # the MOSES splits as shipped inside the molsets 0.3.1 wheel (moses/dataset/data/<split>.csv.gz); sha256 pins
+    # the gzip member, smiles_sha256 the SMILES column (smiles_column_digest) that the public CSV must match too
     "train": {
         "member": "moses/dataset/data/train.csv.gz",
         "sha256": "786f0313aa6b9ba5514df685f885742a70ea8d86f1a4fa48115f7f80a634265c",
         "rows": 1_584_663,
+        "smiles_sha256": "7eaef3b172d05cfc7ecd898c3e991835605b438574df1334f1ddb1c8fc82ffb7",
         "url": "https://media.githubusercontent.com/media/molecularsets/moses/master/data/train.csv",
     },
     "test": {
         "member": "moses/dataset/data/test.csv.gz",
         "sha256": "f896fbf3764f88d94670b9959e5872c600c12152a18233823e820761b7a791b2",
         "rows": 176_074,
+        "smiles_sha256": "4c40fe6efc63cbe59e94b30d9ca39e77d92a95f449cf13c7f180df21d0b82dac",
         "url": "https://media.githubusercontent.com/media/molecularsets/moses/master/data/test.csv",
     },
 }
@@ -135,7 +138,7 @@ class MoleculeRows(TensorDictDataset):
 
     Item ``i`` is exactly what :func:`~insertion_diffusion.data.base.encode_rows` with empty prompts and
     ``bos=False`` gives, plus the row index: ``input_ids`` (long), ``fixed`` (EOS only), ``attention_mask``
-    (target and EOS). Storing int16 ids and recomputing the two masks per item keeps 1.6M MOSES rows at
+    (target and EOS), and ``has_reference = False`` (``predict`` records carry no reference). Storing int16 ids and recomputing the two masks per item keeps 1.6M MOSES rows at
     ~200 MB instead of ~1 GB.
     """
 
@@ -150,6 +153,8 @@ class MoleculeRows(TensorDictDataset):
             "fixed": self._positions == n,
             "attention_mask": self._positions <= n,
             "index": torch.tensor(index, dtype=torch.long),
+            # generation is unconditional: a row's molecule is not a reference for what is generated from it
+            "has_reference": torch.tensor(False),
         }
 
 
@@ -257,6 +262,12 @@ class MoleculeDataModule(SequenceDataModule):
         self.hparams["max_length"] = self.max_length
         self.drop_counts: dict[str, int] = dict(self.manifest["counts"])
         self.split_sizes: dict[str, int] = dict(self.manifest["sizes"])
+        # Lightning logs the DataModule's hparams with the run (hparams.yaml, TensorBoard's HPARAMS tab), so the
+        # cleaning record stays beside the curves it explains, not only in the console and the cache manifest.
+        self.hparams["drop_counts"] = dict(self.drop_counts)
+        self.hparams["split_sizes"] = dict(self.split_sizes)
+        # Lightning logs ``hparams_initial`` (a snapshot taken by save_hyperparameters): snapshot the resolved values
+        self.save_hyperparameters(dict(self.hparams))
         self.train_lengths: Tensor = torch.from_numpy(
             self._read_split_arrays("train")[1].astype(np.int64)
         )
@@ -669,7 +680,8 @@ def _moses_files(directory: Path) -> dict[str, Path]:
 
     Route 1: ``pip download --no-deps molsets==0.3.1`` and extract ``moses/dataset/data/{train,test}.csv.gz``
     (sha256-pinned). Route 2 (no pip access to the wheel): MOSES' public CSV files (:data:`MOSES_FILES` urls),
-    checked by row count since their bytes are not pinned.
+    checked by row count and by the sha256 of their SMILES column (:func:`smiles_column_digest`), pinned from
+    the wheel's files, so line endings or extra columns in the public copy do not matter but its molecules do.
     """
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -715,6 +727,17 @@ def _moses_from_wheel(directory: Path, out: dict[str, Path]) -> str | None:
     return None
 
 
+def smiles_column_digest(data: bytes) -> tuple[int, str]:
+    """``(rows, sha256)`` of a CSV's first column, header and blank lines dropped, values joined by ``\\n``.
+
+    The public MOSES CSVs and the wheel's copies may differ in line endings or extra columns (``SPLIT``); this
+    digest depends only on the molecules and their order.
+    """
+    values = [line.rstrip(b"\r").split(b",", 1)[0] for line in data.split(b"\n") if line.strip()]
+    values = values[1:]  # the header
+    return len(values), hashlib.sha256(b"\n".join(values)).hexdigest()
+
+
 def _moses_from_urls(directory: Path) -> tuple[str | None, dict[str, Path]]:
     import urllib.request
 
@@ -725,12 +748,15 @@ def _moses_from_urls(directory: Path) -> tuple[str | None, dict[str, Path]]:
             if not target.is_file():
                 with urllib.request.urlopen(spec["url"], timeout=60) as resp:
                     atomic_write(target, resp.read())
-            rows = sum(1 for line in target.read_bytes().splitlines() if line.strip()) - 1
+            rows, digest = smiles_column_digest(target.read_bytes())
         except OSError as err:
             return f"{spec['url']}: {err}", {}
         if rows != spec["rows"]:
             target.unlink(missing_ok=True)
             return f"{spec['url']} has {rows} rows, expected {spec['rows']}", {}
+        if digest != spec["smiles_sha256"]:
+            target.unlink(missing_ok=True)
+            return f"{spec['url']}: its SMILES column does not match the pinned sha256 (a different MOSES copy)", {}
         out[split] = target
     return None, out
 

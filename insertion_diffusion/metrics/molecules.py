@@ -19,6 +19,7 @@ key                    definition
 ``quality``            ``|{m in U_strict : QED(m) >= 0.6 and SA(m) <= 4}| / G``   (GenMol's formula)
 ``diversity``          ``1 - mean Tanimoto`` over distinct pairs of ``U_strict`` (Morgan r=2, 1,024 bits)
 ``fcd``, ``fcd_n``     FCD of ``V_strict`` (duplicates kept) against the reference; ``fcd_n = |V_strict|``
+``fcd_ref_n``          size of the FCD reference sample (``nan`` for precomputed statistics that do not say)
 ``num_generated``      ``G``
 =====================  =================================================================================
 
@@ -81,6 +82,7 @@ MOLECULE_METRIC_KEYS = (
     "diversity_genmol",
     "fcd",
     "fcd_n",
+    "fcd_ref_n",
 )
 """Every key :class:`MoleculeGenerationMetrics` can return (novelty without a training set and FCD without a
 reference are left out)."""
@@ -389,6 +391,8 @@ class MoleculeGenerationMetrics(Metric):
             smiles = sorted(r["smiles" + key] for r in valid)
             out["fcd"] = self._fcd(smiles)
             out["fcd_n"] = float(len(smiles))
+            ref_n = self._fcd_stats.get("n") if self._fcd_stats is not None else None
+            out["fcd_ref_n"] = math.nan if ref_n is None else float(ref_n)
         return {f"{k}{suffix}": v for k, v in out.items()}
 
     def _fcd(self, smiles: list[str]) -> float:

@@ -456,7 +456,10 @@ class GenerativeModule(L.LightningModule):
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[dict[str, Any]]:
         prompts, generated, refs = self.generate(batch, batch_idx)
         tok = self.tokenizer
-        has_ref = bool(batch.get("has_reference", True))
+        # De novo rows (molecules) mark themselves ``has_reference = False``: their target is a data molecule, not
+        # a reference for this generation, so it is left out of the record.
+        flag = batch.get("has_reference")
+        has_ref = True if flag is None else bool(torch.as_tensor(flag).all())
         return [
             {"prompt": tok.decode(p), "generated": tok.decode(g), **({"reference": tok.decode(r)} if has_ref else {})}
             for p, g, r in zip(prompts, generated, refs)

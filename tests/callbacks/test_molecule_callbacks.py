@@ -58,8 +58,9 @@ class StubModel(L.LightningModule):
 class StubData(L.LightningDataModule):
     representation = "smiles"
 
-    def __init__(self, n_eval: int = 9) -> None:
+    def __init__(self, n_eval: int = 9, n_train: int = 8) -> None:
         super().__init__()
+        self.n_train = n_train
         self.tokenizer = TOKENIZER
         self.train_lengths = torch.tensor([3, 4, 4, 5, 6, 6, 6, 9])
         self.n_eval = n_eval
@@ -68,7 +69,7 @@ class StubData(L.LightningDataModule):
         return DataLoader([{"index": i} for i in range(n)], batch_size=4)
 
     def train_dataloader(self):
-        return self._loader(8)
+        return self._loader(self.n_train)
 
     def val_dataloader(self):
         return self._loader(self.n_eval)
@@ -105,13 +106,13 @@ def read_csv(path) -> list[dict[str, str]]:
 
 def test_tensorboard_image_histograms_and_csv(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="tb", version="v0")
-    callback = MoleculeSampleLogger(every_n_epochs=2, num_samples=6, grid_size=4, sub_image_size=100)
+    callback = MoleculeSampleLogger(every_n_validations=2, num_samples=6, grid_size=4, sub_image_size=100)
     model, data = StubModel(), StubData()
     t = trainer(tmp_path, logger, callback)
     t.fit(model, datamodule=data)
     t.test(model, datamodule=data)
 
-    # Epoch 0 (and the sanity check) are skipped; epoch 1 ends at global step 4.
+    # The sanity check is not counted and validation 1 (step 2) is skipped; validation 2 ends at global step 4.
     samples = sorted(os.listdir(os.path.join(logger.log_dir, "samples")))
     assert samples == ["test_step4.csv", "val_step4.csv"]
     rows = read_csv(os.path.join(logger.log_dir, "samples", "val_step4.csv"))
@@ -140,6 +141,19 @@ def test_tensorboard_image_histograms_and_csv(tmp_path):
     assert gen_hist.num == 6
 
 
+def test_step_based_validations_are_counted_within_an_epoch(tmp_path):
+    """Three validations inside one epoch (val_check_interval=2): every second one is logged, at step 4 only."""
+    callback = MoleculeSampleLogger(every_n_validations=2, num_samples=2, grid_size=0, stages="val")
+    t = trainer(tmp_path, CSVLogger(tmp_path, name="csv", version="v0"), callback, max_epochs=1,
+                limit_train_batches=6, val_check_interval=2)
+    t.fit(StubModel(), datamodule=StubData(n_train=24))
+    assert sorted(os.listdir(os.path.dirname(callback.last_csv))) == ["val_step4.csv"]
+    assert callback.state_dict() == {"validations_seen": 3}
+    resumed = MoleculeSampleLogger(every_n_validations=2)
+    resumed.load_state_dict(callback.state_dict())
+    assert resumed.validations_seen == 3  # the next validation (the 4th) is logged after a resume
+
+
 def test_other_logger_writes_only_the_csv(tmp_path):
     callback = MoleculeSampleLogger(num_samples=3, stages="val")
     t = trainer(tmp_path, CSVLogger(tmp_path, name="csv", version="v0"), callback, max_epochs=1)
@@ -153,8 +167,8 @@ def test_other_logger_writes_only_the_csv(tmp_path):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown stages"):
         MoleculeSampleLogger(stages=("train",))
-    with pytest.raises(ValueError, match="every_n_epochs"):
-        MoleculeSampleLogger(every_n_epochs=0)
+    with pytest.raises(ValueError, match="every_n_validations"):
+        MoleculeSampleLogger(every_n_validations=0)
     with pytest.raises(ValueError, match="representation"):
         MoleculeSampleLogger(representation="inchi")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from cli_helpers import run_cli
 
 import insertion_diffusion.cli as cli_mod
@@ -366,7 +368,45 @@ def test_tiny_fit_on_nci_through_the_cli(tmp_path):
         ],
         cwd=tmp_path,
     )
-    assert list((tmp_path / "runs").rglob("last.ckpt"))
+    ckpts = list((tmp_path / "runs").rglob("last.ckpt"))
+    assert ckpts
+    # the cleaning record is logged with the run: drop counts by reason and split sizes
+    (hparams,) = list((tmp_path / "runs").rglob("hparams.yaml"))
+    logged = yaml.safe_load(hparams.read_text(encoding="utf-8"))
+    manifest = json.loads(next((tmp_path / "cache").rglob("manifest.json")).read_text(encoding="utf-8"))
+    assert logged["drop_counts"] == manifest["counts"] and set(manifest["counts"]) == set(DROP_REASONS)
+    assert logged["split_sizes"] == manifest["sizes"] and logged["split_sizes"]["val"] == 8
+    # the config's MoleculeSampleLogger scored the validation at step 2 and drew what was valid
+    (samples,) = list((tmp_path / "runs").rglob("samples/val_step2.csv"))
+    with open(samples, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert 0 < len(rows) <= 8 and {"smiles", "valid_strict", "qed"} <= set(rows[0])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(samples.parent.parent), size_guidance={"images": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "val/length_generated" in tags["histograms"]
+    # a grid image when a sample was valid, else a text note saying none was
+    assert "val/molecules" in tags["images"] or "val/molecules/text_summary" in tags["tensors"]
+
+    # predict: de novo records carry the decoded SMILES and provenance, and no (meaningless) reference
+    out = tmp_path / "pred.jsonl"
+    run_cli(
+        [
+            "predict", "--config", str(config), "--ckpt_path", str(ckpts[0]),
+            "--data.init_args.cache_dir", str(tmp_path / "cache"), "--data.init_args.val_size", "8",
+            "--data.init_args.test_size", "8", "--data.init_args.eval_batch_size", "8",
+            "--model.init_args.sampler.steps", "4", "--predictions.output_path", str(out),
+        ],
+        cwd=tmp_path,
+    )
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 8
+    for rec in records:
+        assert rec["prompt"] == "" and "reference" not in rec
+        assert {"generated", "smiles", "smiles_genmol", "provenance"} <= set(rec)
+        assert rec["provenance"]["checkpoint"] == str(ckpts[0])
 
 
 def test_fcd_reference_test_split_reaches_the_test_metrics_only(tmp_path):
@@ -380,3 +420,50 @@ def test_fcd_reference_test_split_reaches_the_test_metrics_only(tmp_path):
     assert isinstance(test_metric.fcd_reference, list) and 0 < len(test_metric.fcd_reference) <= 16
     with pytest.raises(ValueError, match="data.fcd_reference"):
         MoleculeDataModule(source="nci", cache_dir=str(tmp_path), fcd_reference="/no/such/file.smi")
+
+
+def test_smiles_column_digest_ignores_layout_but_not_molecules():
+    from insertion_diffusion.data.molecules import smiles_column_digest
+
+    plain = b"SMILES\nCCO\nc1ccccc1\n"
+    same = [b"SMILES\r\nCCO\r\nc1ccccc1\r\n", b"SMILES,SPLIT\nCCO,train\nc1ccccc1,train\n\n", plain.rstrip(b"\n")]
+    assert all(smiles_column_digest(v) == smiles_column_digest(plain) for v in same)
+    assert smiles_column_digest(plain)[0] == 2
+    assert smiles_column_digest(b"SMILES\nCCN\nc1ccccc1\n") != smiles_column_digest(plain)
+    assert smiles_column_digest(b"SMILES\nc1ccccc1\nCCO\n") != smiles_column_digest(plain)  # order matters
+
+
+def test_public_csv_route_checks_rows_and_the_smiles_digest(tmp_path, monkeypatch):
+    """The URL fallback (no network here: urlopen is replaced by canned bytes) keeps a file whose SMILES column
+    matches the pin and rejects, and deletes, one with the right row count but other molecules."""
+    import io
+    import urllib.request
+
+    from insertion_diffusion.data import molecules as mod
+
+    good = b"SMILES,SPLIT\r\nCCO,train\r\nc1ccccc1,train\r\n"
+    spec = {"member": "x/train.csv.gz", "sha256": "0" * 64, "url": "https://example.invalid/train.csv",
+            "rows": 2, "smiles_sha256": mod.smiles_column_digest(good)[1]}
+    monkeypatch.setattr(mod, "MOSES_FILES", {"train": spec})
+    served = {"bytes": good}
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(served["bytes"]))
+    error, files = mod._moses_from_urls(tmp_path)
+    assert error is None and files["train"].read_bytes() == good
+
+    files["train"].unlink()
+    served["bytes"] = b"SMILES\nCCN\nc1ccccc1\n"
+    error, files = mod._moses_from_urls(tmp_path)
+    assert files == {} and "does not match the pinned sha256" in error
+    assert not (tmp_path / "train.csv").exists()
+
+
+def test_pinned_smiles_digests_match_the_wheel_files():
+    """Where the wheel's MOSES files are cached (data_cache/molecules/moses), the URL route's pins agree with them."""
+    from insertion_diffusion.data.molecules import MOSES_FILES, smiles_column_digest
+
+    directory = ROOT / "data_cache" / "molecules" / "moses"
+    if not all((directory / f"{split}.csv.gz").is_file() for split in MOSES_FILES):
+        pytest.skip("MOSES wheel files not cached on this machine")
+    for split, spec in MOSES_FILES.items():
+        rows, digest = smiles_column_digest(gzip.decompress((directory / f"{split}.csv.gz").read_bytes()))
+        assert (rows, digest) == (spec["rows"], spec["smiles_sha256"])

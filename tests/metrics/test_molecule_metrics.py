@@ -251,6 +251,7 @@ def test_two_gloo_ranks_equal_one_process():
     expected = {k: v.item() for k, v in single.compute().items()}
     assert expected["test/num_generated"] == len(DDP_TEXTS) == 15
     assert "test/fcd" in expected and expected["test/fcd_n"] == 12
+    assert expected["test/fcd_ref_n"] == len([s for s in FCD_REF if s])
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
