@@ -28,7 +28,7 @@ from insertion_diffusion.models.base import INFERENCE_SETTINGS, eval_noise, run_
 from insertion_diffusion.models.insertion_base import InsertionModel
 from insertion_diffusion.nn.transformer import AdaLNHead, ScalarHead, Transformer, TransformerConfig
 from insertion_diffusion.order.kumaraswamy import KumaraswamyClock, schedule_regularizers
-from insertion_diffusion.order.network import BoundedRate, OrderNetwork
+from insertion_diffusion.order.network import RATE_FNS, BoundedRate, OrderNetwork
 from insertion_diffusion.process.insertion import CLEAN, DELETED, MASKED, partial_state, stratified_times
 from insertion_diffusion.process.rng import NoiseSource, RowRNG
 from insertion_diffusion.sampling.tau_leaping import SamplerConfig
@@ -126,6 +126,9 @@ class LoFlexMDM(InsertionModel):
                 )
         if not 0.0 <= time_eps < 0.5:
             raise ValueError(f"model.time_eps must be in [0, 0.5), got {time_eps}")
+        # Checked here rather than left to BoundedRate, which cannot know the config key it came from.
+        if order_rate_fn not in RATE_FNS:
+            raise ValueError(f"model.order_rate_fn={order_rate_fn!r} is not one of: {', '.join(RATE_FNS)}")
         self.backbone_cfg = backbone or TransformerConfig()
         cfg = self.backbone_cfg
         self.order_cfg = order_backbone or TransformerConfig(
@@ -403,18 +406,56 @@ class LoFlexMDM(InsertionModel):
         super()._eval_epoch_end(stage)
 
 
+def distance_from_goal(generated: Tensor) -> Tensor:
+    """How many generated tokens follow each position of its row's generated part, (B, L) long.
+
+    0 marks the last generated token (just before EOS: the goal of a star path), 1 the one before it, and so
+    on; positions outside the generated part get -1. Counting from the end lines up rows whose generated
+    parts have different lengths (star medium/hard) at the goal, where the order of interest is anchored.
+
+    Args:
+        generated: (B, L) bool, the positions the model generates (``attention_mask & ~fixed``).
+    """
+    after = generated.long().flip(1).cumsum(1).flip(1) - 1  # generated tokens at or after i, minus i itself
+    return after.masked_fill(~generated, -1)
+
+
+def mean_time_by_distance(expected_time: Tensor, generated: Tensor) -> Tensor:
+    """Mean expected insertion time at each distance from the goal, (n,), ``n`` the longest generated part.
+
+    Entry ``d`` averages over the rows whose generated part is longer than ``d`` (see
+    :func:`distance_from_goal`); with no generated token at all it is a single 0.
+
+    Args:
+        expected_time: (B, L) expected insertion times; generated: (B, L) bool.
+    """
+    dist = distance_from_goal(generated)
+    n = int(dist.max()) + 1 if generated.any() else 1
+    d, e_t = dist[generated], expected_time[generated].float()
+    sums = torch.zeros(n).index_add_(0, d, e_t)
+    counts = torch.zeros(n).index_add_(0, d, torch.ones_like(e_t))
+    return sums / counts.clamp_min(1)
+
+
 def order_figure(expected_time: Tensor, generated: Tensor, max_rows: int = 64):
-    """Mean expected insertion time per position of the generated part (and a few rows), as a figure."""
-    pos = generated.long().cumsum(1) - 1
-    n = int(pos.max()) + 1 if generated.any() else 1
-    sums = torch.zeros(n).index_add_(0, pos[generated], expected_time[generated])
-    counts = torch.zeros(n).index_add_(0, pos[generated], torch.ones(int(generated.sum())))
+    """Expected insertion time against distance from the goal (x = 0: the last generated token), as a figure.
+
+    The mean over rows (:func:`mean_time_by_distance`) is drawn over up to ``max_rows`` individual rows.
+
+    Args:
+        expected_time: (B, L) expected insertion times; generated: (B, L) bool.
+
+    Returns:
+        a matplotlib Figure (5 x 3.2 inches), the form ``SummaryWriter.add_figure`` takes.
+    """
+    dist = distance_from_goal(generated)
+    mean = mean_time_by_distance(expected_time, generated)
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for r in range(min(max_rows, expected_time.shape[0])):
         m = generated[r]
-        ax.plot(pos[r][m].numpy(), expected_time[r][m].numpy(), color="0.8", lw=0.6)
-    ax.plot(range(n), (sums / counts.clamp_min(1)).numpy(), color="C0", lw=2, marker="o", label="mean")
-    ax.set_xlabel("position in the generated part")
+        ax.plot(dist[r][m].numpy(), expected_time[r][m].numpy(), color="0.8", lw=0.6)
+    ax.plot(range(len(mean)), mean.numpy(), color="C0", lw=2, marker="o", label="mean")
+    ax.set_xlabel("distance from the goal (tokens before EOS; 0 = goal)")
     ax.set_ylabel("expected insertion time")
     ax.set_title("learned order (order network)")
     ax.legend()
@@ -422,4 +463,4 @@ def order_figure(expected_time: Tensor, generated: Tensor, max_rows: int = 64):
     return fig
 
 
-__all__ = ["CLEAN", "LoFlexMDM", "order_figure"]
+__all__ = ["CLEAN", "LoFlexMDM", "distance_from_goal", "mean_time_by_distance", "order_figure"]

@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+CONFIG_KEYS = "(model.backbone or model.order_backbone)"
+"""Where a :class:`TransformerConfig` comes from in a run config; error messages name it."""
+
 
 @dataclass
 class TransformerConfig:
@@ -55,18 +58,23 @@ class TransformerConfig:
     conv_kernel: int = 0
 
     def __post_init__(self) -> None:
-        if self.d_model % self.num_heads:
-            raise ValueError(
-                f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}"
-            )
+        # The same dataclass is built from either backbone section of a config, and jsonargparse reports the
+        # bare ValueError: the message says which setting it is and where it lives. The >= 1 checks come before
+        # the divisibility check, which would otherwise divide by num_heads = 0.
         for key in ("num_layers", "d_model", "num_heads", "d_cond"):
             if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+                raise ValueError(f"backbone setting {key}={getattr(self, key)} must be >= 1 {CONFIG_KEYS}")
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"backbone setting d_model={self.d_model} must be divisible by num_heads={self.num_heads} {CONFIG_KEYS}"
+            )
         for key in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
-                raise ValueError(f"backbone {key} must be in [0, 1), got {getattr(self, key)}")
+                raise ValueError(f"backbone setting {key}={getattr(self, key)} must be in [0, 1) {CONFIG_KEYS}")
         if self.conv_kernel < 0 or self.conv_kernel == 1:
-            raise ValueError(f"backbone conv_kernel must be 0 (off) or >= 2 (3 is typical), got {self.conv_kernel}")
+            raise ValueError(
+                f"backbone setting conv_kernel={self.conv_kernel} must be 0 (off) or >= 2 (3 is typical) {CONFIG_KEYS}"
+            )
 
 
 class TimestepEmbedding(nn.Module):
@@ -247,7 +255,10 @@ class Transformer(nn.Module):
         head_dim = cfg.d_model // cfg.num_heads
         rd = cfg.rotary_dim or head_dim
         if rd % 2 or rd > head_dim:
-            raise ValueError(f"rotary_dim={rd} must be even and <= head dim {head_dim}")
+            raise ValueError(
+                f"backbone setting rotary_dim={rd} must be even and <= the head dim d_model / num_heads = {head_dim} "
+                f"{CONFIG_KEYS}"
+            )
         self.rotary_dim = rd
 
     def forward(self, x: Tensor, t: Tensor | None, valid: Tensor | None) -> tuple[Tensor, Tensor | None]:

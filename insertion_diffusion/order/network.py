@@ -24,7 +24,8 @@ class BoundedRate(nn.Module):
     def __init__(self, b_min: float, b_max: float, fn: str = "softplus") -> None:
         super().__init__()
         if fn not in RATE_FNS:
-            raise ValueError(f"rate function {fn!r}; allowed values: {', '.join(RATE_FNS)}")
+            # LoFlexMDM checks its model.order_rate_fn first and names the key; this guards direct use.
+            raise ValueError(f"rate function fn={fn!r} is not one of: {', '.join(RATE_FNS)}")
         if not (0.0 <= b_min < b_max):
             raise ValueError(f"rate bounds must satisfy 0 <= b_min < b_max, got b_min={b_min}, b_max={b_max}")
         self.b_min, self.b_max, self.fn = float(b_min), float(b_max), fn

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import math
 
+import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
 from model_rows import mixed_rows
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from insertion_diffusion.data.star import StarGraphDataModule
 from insertion_diffusion.losses import bregman_rate
 from insertion_diffusion.models.flexmdm import FlexMDM
 from insertion_diffusion.nn.transformer import TransformerConfig
@@ -251,3 +255,35 @@ def test_sequence_nll_is_a_seeded_nonnegative_bound_per_row():
     b["index"] = b["index"] + 100
     with torch.no_grad():
         assert not torch.equal(model.sequence_nll(b), a)
+
+
+@pytest.mark.filterwarnings("ignore:.*self.log.*")
+def test_validate_writes_the_sample_table_to_tensorboard(tmp_path):
+    """A real ``Trainer.validate`` on tiny star data with a TensorBoardLogger: the ``val/samples`` markdown table
+    (base.py) is in the event file, one row per logged sample, references decoded from the data."""
+    dm = StarGraphDataModule(preset="easy", data_dir=str(tmp_path / "data"), num_train=8, num_val=6, num_test=1,
+                             batch_size=6)
+    torch.manual_seed(0)
+    cfg = TransformerConfig(num_layers=1, d_model=32, num_heads=2, d_cond=16, dropout=0.0)
+    model = FlexMDM(dm.tokenizer, dm.max_length, backbone=cfg, sampler=SamplerConfig(steps=4), num_logged_samples=3)
+    logger = TensorBoardLogger(tmp_path, name="tb", version="v0")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
+    trainer.validate(model, datamodule=dm, verbose=False)
+
+    acc = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    tag = "val/samples/text_summary"  # SummaryWriter.add_text appends "/text_summary" to the tag
+    assert tag in acc.Tags()["tensors"]
+    assert acc.SummaryMetadata(tag).plugin_data.plugin_name == "text"
+    (event,) = acc.Tensors(tag)
+    assert event.step == 0
+    lines = event.tensor_proto.string_val[0].decode().splitlines()
+    assert lines[:2] == ["| prompt | generated | reference |", "|---|---|---|"]
+    rows = [line.strip("|").split(" | ") for line in lines[2:]]
+    assert len(rows) == 3 and all(len(r) == 3 for r in rows)
+    val = next(iter(dm.val_dataloader()))
+    for r, (prompt, _, reference) in enumerate(rows):
+        ids, fixed, attn = val["input_ids"][r], val["fixed"][r], val["attention_mask"][r]
+        assert reference.strip() == dm.tokenizer.decode(ids[attn & ~fixed].tolist())
+        assert prompt.strip()  # every star row is conditional

@@ -6,14 +6,24 @@ from __future__ import annotations
 
 import lightning
 import lightning.pytorch as L
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from model_rows import mixed_rows
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from insertion_diffusion.data.star import StarGraphDataModule
 from insertion_diffusion.losses import bregman_rate, rate_matching_terms
 from insertion_diffusion.models.flexmdm import FlexMDM
-from insertion_diffusion.models.loflexmdm import LoFlexMDM
+from insertion_diffusion.models.loflexmdm import (
+    LoFlexMDM,
+    distance_from_goal,
+    mean_time_by_distance,
+    order_figure,
+)
 from insertion_diffusion.nn.transformer import TransformerConfig
 from insertion_diffusion.order.kumaraswamy import schedule_regularizers
 from insertion_diffusion.process.insertion import (
@@ -85,7 +95,7 @@ def is_order(name: str) -> bool:
         ({"order_b_min": -1.0}, ["model.order_b_min", "model.order_b_max"]),
         ({"generator_b_min": 3.0, "generator_b_max": 1.0}, ["model.generator_b_min", "model.generator_b_max"]),
         ({"time_eps": 0.5}, ["model.time_eps"]),
-        ({"order_rate_fn": "relu"}, ["softplus"]),
+        ({"order_rate_fn": "relu"}, ["model.order_rate_fn='relu'", "softplus, exp"]),
         ({"generator_states": 3}, ["model.generator_states", "1, 2"]),
     ],
 )
@@ -94,6 +104,11 @@ def test_invalid_arguments_name_the_key(kwargs, keys):
         tiny(**kwargs)
     for k in keys:
         assert k in str(err.value), (k, str(err.value))
+
+
+def test_invalid_order_rate_fn_message():
+    with pytest.raises(ValueError, match=r"^model\.order_rate_fn='relu' is not one of: softplus, exp$"):
+        tiny(order_rate_fn="relu")
 
 
 def test_defaults_and_order_backbone():
@@ -659,6 +674,75 @@ def test_validation_step_runs_order_diagnostics(a):
     assert e_t.shape == gen.shape == b_in.shape == b["input_ids"].shape
     torch.testing.assert_close(gen, b["attention_mask"] & ~b["fixed"])
     assert ((e_t > 0) & (e_t < 1)).all()
+
+
+def test_distance_from_goal_counts_back_from_the_last_generated_token():
+    b, _ = batch(prompt_lens=(3, 0, 2), target_lens=(4, 2, 0), L=10)
+    dist = distance_from_goal(b["attention_mask"] & ~b["fixed"])
+    # rows: [p p p BOS t t t t EOS PAD], [t t EOS PAD ...], [p p BOS EOS PAD ...]
+    assert dist.tolist() == [
+        [-1, -1, -1, -1, 3, 2, 1, 0, -1, -1],
+        [1, 0, -1, -1, -1, -1, -1, -1, -1, -1],
+        [-1] * 10,
+    ]
+
+
+def test_mean_time_by_distance_aligns_rows_of_different_lengths_at_the_goal():
+    """Two rows with generated parts of 5 and 2 tokens, the second behind a prompt (as star medium/hard rows of
+    different path lengths). Row r's time at distance d from the goal is ``0.1 * (d + 1) + 0.05 * r``, so the
+    per-distance means are known: distances 0 and 1 average both rows, distances 2-4 only the longer one."""
+    b, _ = batch(prompt_lens=(0, 3), target_lens=(5, 2), L=9)
+    gen = b["attention_mask"] & ~b["fixed"]
+    dist = distance_from_goal(gen)
+    e_t = torch.where(gen, 0.1 * (dist + 1) + 0.05 * torch.arange(2)[:, None], torch.full(gen.shape, 7.0))
+    got = mean_time_by_distance(e_t, gen)
+    want = torch.tensor([0.125, 0.225, 0.3, 0.4, 0.5])
+    torch.testing.assert_close(got, want)
+    assert mean_time_by_distance(e_t, torch.zeros_like(gen)).tolist() == [0.0]
+
+
+def test_order_figure_renders_an_rgba_image_of_the_figure_size():
+    b, _ = batch(prompt_lens=(0, 3), target_lens=(5, 2), L=9)
+    gen = b["attention_mask"] & ~b["fixed"]
+    fig = order_figure(torch.rand(gen.shape, generator=seeded(0)), gen)
+    try:
+        assert fig.axes[0].get_xlabel().startswith("distance from the goal")
+        fig.canvas.draw()
+        image = np.asarray(fig.canvas.buffer_rgba())
+        w, h = (fig.get_size_inches() * fig.dpi).round().astype(int)
+        assert image.shape == (h, w, 4) and image.dtype == np.uint8
+        assert (w, h) == (round(5 * fig.dpi), round(3.2 * fig.dpi))  # figsize 5 x 3.2 inches
+        assert image[..., :3].min() < 128  # something was drawn on the white background
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.filterwarnings("ignore:.*self.log.*")
+def test_validate_writes_learned_order_figure_b_in_histogram_and_samples_to_tensorboard(tmp_path):
+    """A real ``Trainer.validate`` on tiny star data with a TensorBoardLogger; the event file is read back."""
+    dm = StarGraphDataModule(preset="easy", data_dir=str(tmp_path / "data"), num_train=8, num_val=6, num_test=1,
+                             batch_size=6)
+    lo = LoFlexMDM(dm.tokenizer, dm.max_length, backbone=cfg(), order_backbone=cfg(),
+                   sampler=SamplerConfig(steps=4), num_logged_samples=3)
+    logger = TensorBoardLogger(tmp_path, name="tb", version="v0")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
+    trainer.validate(lo, datamodule=dm, verbose=False)
+
+    acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "val/learned_order" in tags["images"]
+    assert "val/b_in" in tags["histograms"]
+    image = acc.Images("val/learned_order")[0]
+    dpi = matplotlib.rcParams["figure.dpi"]
+    assert image.step == 0 and (image.width, image.height) == (round(5 * dpi), round(3.2 * dpi))  # 5 x 3.2 in
+    hist = acc.Histograms("val/b_in")[0].histogram_value
+    # one value per generated token of the first batch (easy star: 4-edge paths, 8 tokens per row),
+    # inside the order network's bounds
+    assert hist.num == 6 * 8
+    assert lo.order.bound.b_min <= hist.min <= hist.max <= lo.order.bound.b_max
+    assert "val/samples/text_summary" in tags["tensors"]  # the sample table, inherited from the base
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------------

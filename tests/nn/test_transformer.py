@@ -210,9 +210,9 @@ def test_rotary_dim_option():
     assert net.rotary_dim == 8
     x = tokens()
     assert net(x, torch.rand(3), None)[0].shape == (3, 9, 32)
-    with pytest.raises(ValueError, match="rotary_dim"):
+    with pytest.raises(ValueError, match=r"backbone setting rotary_dim=7 must be even and <= .* = 16 \(model\.backbone"):
         Transformer(V, TransformerConfig(num_layers=1, d_model=32, num_heads=2, rotary_dim=7))
-    with pytest.raises(ValueError, match="rotary_dim"):
+    with pytest.raises(ValueError, match=r"backbone setting rotary_dim=32 .* = 16 \(model\.backbone"):
         Transformer(V, TransformerConfig(num_layers=1, d_model=32, num_heads=2, rotary_dim=32))
 
 
@@ -231,21 +231,27 @@ def test_dropout_only_in_training_mode(kwargs):
     assert not torch.allclose(a, b)
 
 
+WHERE = r" \(model\.backbone or model\.order_backbone\)$"
+
+
 @pytest.mark.parametrize(
-    ("kwargs", "word"),
+    ("kwargs", "message"),
     [
-        ({"d_model": 30, "num_heads": 4}, "divisible"),
-        ({"num_layers": 0}, "num_layers"),
-        ({"d_cond": 0}, "d_cond"),
-        ({"dropout": 1.0}, "dropout"),
-        ({"dropout": -0.1}, "dropout"),
-        ({"attention_dropout": 1.0}, "attention_dropout"),
-        ({"conv_kernel": 1}, "conv_kernel"),
-        ({"conv_kernel": -3}, "conv_kernel"),
+        ({"d_model": 30, "num_heads": 4}, r"backbone setting d_model=30 must be divisible by num_heads=4"),
+        ({"num_layers": 0}, r"backbone setting num_layers=0 must be >= 1"),
+        ({"d_model": 0}, r"backbone setting d_model=0 must be >= 1"),
+        # checked before divisibility: num_heads = 0 used to raise ZeroDivisionError
+        ({"num_heads": 0}, r"backbone setting num_heads=0 must be >= 1"),
+        ({"d_cond": 0}, r"backbone setting d_cond=0 must be >= 1"),
+        ({"dropout": 1.0}, r"backbone setting dropout=1\.0 must be in \[0, 1\)"),
+        ({"dropout": -0.1}, r"backbone setting dropout=-0\.1 must be in \[0, 1\)"),
+        ({"attention_dropout": 1.0}, r"backbone setting attention_dropout=1\.0 must be in \[0, 1\)"),
+        ({"conv_kernel": 1}, r"backbone setting conv_kernel=1 must be 0 \(off\) or >= 2"),
+        ({"conv_kernel": -3}, r"backbone setting conv_kernel=-3 must be 0 \(off\) or >= 2"),
     ],
 )
-def test_config_validation(kwargs, word):
-    with pytest.raises(ValueError, match=word):
+def test_config_validation_names_the_setting_and_the_config_section(kwargs, message):
+    with pytest.raises(ValueError, match=f"^{message}.*{WHERE}"):
         TransformerConfig(**kwargs)
 
 

@@ -82,7 +82,7 @@ def test_bounded_rate_invalid_bounds_name_both(lo, hi):
 
 
 def test_bounded_rate_invalid_function():
-    with pytest.raises(ValueError, match="softplus, exp"):
+    with pytest.raises(ValueError, match=r"fn='sigmoid' is not one of: softplus, exp"):
         BoundedRate(0.0, 1.0, "sigmoid")
 
 
