@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,3 +54,23 @@ def test_readme_links_exist():
     ):
         assert target in text
         assert (ROOT / target).is_file(), f"README names {target}, which does not exist"
+
+
+def _readme_test_command() -> str:
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    start = lines.index("Set up a fresh machine and run the tests:")
+    return next(line for line in lines[start:] if line.startswith("python3 -m venv"))
+
+
+def test_ci_runs_the_readme_test_command():
+    """`.ci/run` extracts exactly the README's test command, which installs the docs extra (else the mkdocs test
+    above skips), lints and runs pytest."""
+    command = _readme_test_command()
+    assert ".[dev,docs,molecules]" in command
+    assert "ruff check ." in command and command.endswith("python -m pytest -q")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    program = re.search(r"awk '([^']+)' README\.md", ci)
+    assert program, ".ci/run no longer reads its command from README.md"
+    found = subprocess.run(["awk", program.group(1), str(ROOT / "README.md")], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert found == command
