@@ -76,8 +76,11 @@ class Tokenizer:
     def decode_tokens(self, ids: Iterable[int], skip_special: bool = True) -> list[str]:
         """Map ids to token strings, dropping special tokens unless ``skip_special`` is False."""
         out = []
+        size = len(self.itos)
         for i in ids:
             i = int(i)
+            if not 0 <= i < size:  # a negative id would silently wrap around in itos
+                raise ValueError(f"token id {i} is outside the vocabulary (0..{size - 1})")
             if skip_special and i < self.num_special:
                 continue
             out.append(self.itos[i])
