@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import json
 import os
+import pickle
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -45,23 +46,44 @@ def matmul_peak_flops(n: int = 1024, dtype: torch.dtype = torch.float32, repeats
     return 2.0 * n**3 / sec
 
 
+def write_json_atomic(path: str, obj: object) -> None:
+    """Write ``obj`` as indented JSON to ``path`` through a temporary file and a rename, so a reader never sees half
+    a file (a run killed mid-write leaves the previous file)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2)
+    os.replace(tmp, path)
+
+
 class CurveWriter(Callback):
-    """Append one CSV row per validation on rank 0: step, wall seconds since construction, and ``keys``.
+    """Append one CSV row per validation on rank 0: step, wall seconds, and ``keys``.
 
     ``keys`` are ``trainer.callback_metrics`` names (e.g. ``"val/exact_match"``); a key not logged yet is written as
     NaN, so every row has the same columns. The column name drops the ``/`` (``val_exact_match``).
+
+    A resumed run appends to the same file: its seconds continue from the file's last row (so the time axis never
+    runs backwards), and a file whose header has other columns is refused rather than mixed.
     """
 
     def __init__(self, path: str, keys: Sequence[str]) -> None:
         self.path = path
         self.keys = list(keys)
         self.t0 = time.time()
+        self.offset = 0.0
+        if os.path.exists(path) and os.path.getsize(path) > 0:
+            with open(path, newline="") as fh:
+                rows = list(csv.reader(fh))
+            expected = ["step", "seconds"] + [k.replace("/", "_") for k in self.keys]
+            if rows[0] != expected:
+                raise SystemExit(f"{path} has columns {rows[0]}, not {expected}; move it aside or use another --out")
+            if len(rows) > 1:
+                self.offset = float(rows[-1][1])
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.global_rank != 0:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        row = {"step": trainer.global_step, "seconds": round(time.time() - self.t0, 1)}
+        row = {"step": trainer.global_step, "seconds": round(self.offset + time.time() - self.t0, 1)}
         row.update({k.replace("/", "_"): metrics.get(k, float("nan")) for k in self.keys})
         new = not os.path.exists(self.path)
         with open(self.path, "a", newline="") as fh:
@@ -81,12 +103,17 @@ def init_generator(model: torch.nn.Module, checkpoint: str) -> int:
     With ``a = 1`` and ``b = 1`` the two parameterisations coincide, so a LoFlexMDM starts as the FlexMDM it was
     copied from. Returns the number of tensors copied; raises ``SystemExit`` naming the mismatching keys.
     """
-    src = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    try:
+        src = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as err:
+        raise SystemExit(f"--init-generator {checkpoint}: not a readable Lightning checkpoint "
+                         f"({type(err).__name__}: {err}); pass a FlexMDM run's checkpoints/last.ckpt") from None
     keep = {k: v for k, v in src.items() if k.split(".")[0] in GENERATOR_PARTS}
     try:
         missing, unexpected = model.load_state_dict(keep, strict=False)
     except RuntimeError as err:  # same keys, other shapes
-        raise SystemExit(f"--init-generator {checkpoint}: generator sizes differ: {str(err).splitlines()[1:3]}") from None
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3]) or str(err)
+        raise SystemExit(f"--init-generator {checkpoint}: generator sizes differ: {detail}") from None
     bad = [k for k in missing if k.split(".")[0] in GENERATOR_PARTS] + list(unexpected)
     if bad:
         raise SystemExit(f"--init-generator {checkpoint}: generator weights do not match: {bad[:5]}")
@@ -111,7 +138,9 @@ def add_recipe_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def check_recipe_arguments(args: argparse.Namespace) -> None:
-    """Refuse a global batch that the DDP processes cannot split evenly."""
+    """Refuse a process count below 1 and a global batch that the DDP processes cannot split evenly."""
+    if args.devices < 1:
+        raise SystemExit(f"--devices {args.devices} must be >= 1 (CPU processes under DDP)")
     if args.batch_size % args.devices:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by --devices {args.devices}")
 

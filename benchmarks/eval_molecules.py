@@ -35,7 +35,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", required=True, help="a train_molecules.py --out directory (args.json or result.json, checkpoints/)")
     ap.add_argument("--num-samples", type=int, default=2000,
-                    help="molecules per setting: the first N of the run's test rows (<= the run's --num-samples)")
+                    help="molecules per setting: the first N of the run's test rows (<= the run's --num-samples), in batches of "
+                         "min(500, N); N not a multiple of 500 (above 500) is rounded up to whole batches")
     ap.add_argument("--settings", nargs="+", default=["steps=128"])
     ap.add_argument("--no-fcd", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
@@ -55,19 +56,21 @@ def main() -> None:
     dm = MoleculeDataModule(source=run["source"], representation=run.get("representation", "smiles"),
                             train_size=run["train_size"] if run["train_size"] > 0 else None,
                             val_size=256, test_size=run["num_samples"], cache_dir="data_cache/molecules",
-                            eval_batch_size=500, fcd_reference=None if args.no_fcd else "test")
+                            eval_batch_size=min(500, args.num_samples), fcd_reference=None if args.no_fcd else "test")
     model = METHODS[run["method"]].load_from_checkpoint(os.path.join(args.run, "checkpoints", "last.ckpt"),
                                                         map_location="cpu").eval()
     model.eval_seed = args.eval_seed
-    limit = -(-args.num_samples // 500)  # whole eval batches of 500 rows
+    batch = min(500, args.num_samples)
+    limit = -(-args.num_samples // batch)  # whole eval batches (a last partial batch is sampled whole)
     base = model.sampler_cfg
     configs = [with_setting(base, text) for text in args.settings]  # every setting checked before any sampling
-    print(f"{run['method']} checkpoint of {args.run}, first {limit * 500} test rows, eval seed {args.eval_seed}")
+    print(f"{run['method']} checkpoint of {args.run}, first {min(limit * batch, run['num_samples'])} test rows, eval seed {args.eval_seed}")
     print("| setting | " + " | ".join(COLUMNS) + " | seconds |")
     print("|---" * (len(COLUMNS) + 2) + "|")
     # One metric object for every setting: the model resets its states after each test, and the FCD reference
-    # statistics (ChemNet over the test rows' SMILES) are computed at the first setting only.
-    model.test_metrics = dm.make_metrics("test/")
+    # statistics (ChemNet over the test rows' SMILES) are computed at the first setting only. Both sets are given
+    # here, because the model's setup() builds new ones whenever val_metrics is missing.
+    model.val_metrics, model.test_metrics = dm.make_metrics("val/"), dm.make_metrics("test/")
     for text, cfg in zip(args.settings, configs):
         model.sampler_cfg = cfg
         trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,

@@ -25,7 +25,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import CurveWriter, add_recipe_arguments, check_recipe_arguments, init_generator, with_setting
+from common import (
+    CurveWriter,
+    add_recipe_arguments,
+    check_recipe_arguments,
+    init_generator,
+    with_setting,
+    write_json_atomic,
+)
 
 from insertion_diffusion.data.molecules import MoleculeDataModule
 from insertion_diffusion.models import ARM, MDLM, FlexMDM, LoFlexMDM
@@ -91,8 +98,7 @@ def main() -> None:
     L.seed_everything(args.seed, workers=True)
     os.makedirs(args.out, exist_ok=True)
     if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP re-runs this script in each extra process
-        with open(os.path.join(args.out, "args.json"), "w") as fh:  # read by eval_molecules.py, before any test
-            json.dump(vars(args), fh, indent=2)
+        write_json_atomic(os.path.join(args.out, "args.json"), vars(args))  # read by eval_molecules.py
     dm = MoleculeDataModule(source=args.source, representation=args.representation,
                             train_size=args.train_size if args.train_size > 0 else None, val_size=256,
                             test_size=args.num_samples, cache_dir="data_cache/molecules",
@@ -144,8 +150,7 @@ def main() -> None:
               "vocab_size": dm.tokenizer.vocab_size, **{k: float(v) for k, v in res.items()}}
     if trainer.global_rank != 0:
         return
-    with open(os.path.join(args.out, "result.json"), "w") as fh:
-        json.dump(result, fh, indent=2)
+    write_json_atomic(os.path.join(args.out, "result.json"), result)
     print(json.dumps(result, indent=2))
 
 

@@ -22,7 +22,13 @@ from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import CurveWriter, add_recipe_arguments, check_recipe_arguments, init_generator
+from common import (
+    CurveWriter,
+    add_recipe_arguments,
+    check_recipe_arguments,
+    init_generator,
+    write_json_atomic,
+)
 
 from insertion_diffusion.data.star import StarGraphDataModule
 from insertion_diffusion.models import ARM, MDLM, FlexMDM, LoFlexMDM
@@ -63,8 +69,9 @@ def main() -> None:
     ap.add_argument("--no-pathwise", action="store_true", help="LoFlexMDM: REINFORCE and regularisers only")
     ap.add_argument("--advantage", default="per_mask", help="LoFlexMDM advantage_normalization")
     ap.add_argument("--init-generator", default=None,
-                    help="LoFlexMDM: start the generator (backbone, token head, gap head) from this FlexMDM checkpoint "
-                         "of the same size; a = 1 and b = 1 make the two parameterisations coincide")
+                    help="FlexMDM or LoFlexMDM: start the generator (backbone, token head, gap head) from this FlexMDM "
+                         "checkpoint of the same size, with a fresh optimiser; for LoFlexMDM, a = 1 and b = 1 make "
+                         "the two parameterisations coincide with FlexMDM's linear schedules")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=500)
@@ -114,8 +121,8 @@ def main() -> None:
     ckpt_dir = os.path.join(args.out, "checkpoints")
     last = os.path.join(ckpt_dir, "last.ckpt")
     if args.init_generator and not os.path.exists(last):
-        if args.method != "loflexmdm":
-            raise SystemExit("--init-generator applies to --method loflexmdm")
+        if args.method not in ("flexmdm", "loflexmdm"):
+            raise SystemExit("--init-generator applies to --method flexmdm or loflexmdm")
         n = init_generator(model, args.init_generator)
         print(f"generator initialised from {args.init_generator} ({n} tensors)")
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=args.val_every),
@@ -142,8 +149,7 @@ def main() -> None:
               "test_seconds": round(time.time() - t1, 1), **{k: float(v) for k, v in res.items()}}
     if trainer.global_rank != 0:
         return
-    with open(os.path.join(args.out, "result.json"), "w") as fh:
-        json.dump(result, fh, indent=2)
+    write_json_atomic(os.path.join(args.out, "result.json"), result)
     print(json.dumps(result, indent=2))
 
 

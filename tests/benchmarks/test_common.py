@@ -19,7 +19,18 @@ from insertion_diffusion.sampling import SamplerConfig
 from insertion_diffusion.tokenizers import IntegerTokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-from common import GENERATOR_PARTS, CurveWriter, init_generator, parse_setting, with_setting
+import argparse
+import json
+
+from common import (
+    GENERATOR_PARTS,
+    CurveWriter,
+    check_recipe_arguments,
+    init_generator,
+    parse_setting,
+    with_setting,
+    write_json_atomic,
+)
 
 
 class LoggingBoringModel(BoringModel):
@@ -74,6 +85,49 @@ def test_init_generator_of_another_size_names_the_checkpoint(tmp_path):
     torch.save({"state_dict": flex.state_dict()}, path)
     with pytest.raises(SystemExit, match="flex.ckpt: generator sizes differ"):
         init_generator(lo, str(path))
+
+
+def test_a_resumed_curve_continues_the_time_axis_and_refuses_other_columns(tmp_path):
+    path = tmp_path / "curve.csv"
+    path.write_text("step,seconds,val_loss\n100,50.0,0.5\n200,99.5,0.4\n")
+    writer = CurveWriter(str(path), ("val/loss",))
+    assert writer.offset == 99.5
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, val_check_interval=2, limit_val_batches=1,
+                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[writer])
+    trainer.fit(LoggingBoringModel())
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["step"] for r in rows] == ["100", "200", "2"]
+    assert float(rows[-1]["seconds"]) >= 99.5
+    with pytest.raises(SystemExit, match=r"curve.csv has columns \['step', 'seconds', 'val_loss'\]"):
+        CurveWriter(str(path), ("val/exact_match",))
+
+
+def test_init_generator_names_a_file_that_is_not_a_checkpoint(tmp_path):
+    _, lo = _pair(width=16)
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match=r"--init-generator .*notes.txt: not a readable Lightning checkpoint"):
+        init_generator(lo, str(bad))
+    with pytest.raises(SystemExit, match="not a readable Lightning checkpoint"):
+        init_generator(lo, str(tmp_path / "missing.ckpt"))
+
+
+def test_recipe_arguments_refuse_zero_processes_and_an_uneven_batch():
+    with pytest.raises(SystemExit, match="--devices 0 must be >= 1"):
+        check_recipe_arguments(argparse.Namespace(devices=0, batch_size=64))
+    with pytest.raises(SystemExit, match="--batch-size 63 must be divisible by --devices 2"):
+        check_recipe_arguments(argparse.Namespace(devices=2, batch_size=63))
+    check_recipe_arguments(argparse.Namespace(devices=2, batch_size=64))
+
+
+def test_json_is_written_whole_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "result.json"
+    path.write_text('{"old": 1}')
+    write_json_atomic(str(path), {"new": [1, 2]})
+    assert json.loads(path.read_text()) == {"new": [1, 2]}
+    assert sorted(os.listdir(tmp_path)) == ["result.json"]
 
 
 def test_settings_text_overrides_a_sampler_config_with_typed_values():
