@@ -458,11 +458,12 @@ class GenerativeModule(L.LightningModule):
         tok = self.tokenizer
         # De novo rows (molecules) mark themselves ``has_reference = False``: their target is a data molecule, not
         # a reference for this generation, so it is left out of the record.
+        # The flag is read per row, so a batch that mixes both kinds keeps the references it has.
         flag = batch.get("has_reference")
-        has_ref = True if flag is None else bool(torch.as_tensor(flag).all())
+        has_ref = [True] * len(prompts) if flag is None else torch.as_tensor(flag).reshape(-1).tolist()
         return [
-            {"prompt": tok.decode(p), "generated": tok.decode(g), **({"reference": tok.decode(r)} if has_ref else {})}
-            for p, g, r in zip(prompts, generated, refs)
+            {"prompt": tok.decode(p), "generated": tok.decode(g), **({"reference": tok.decode(r)} if h else {})}
+            for p, g, r, h in zip(prompts, generated, refs, has_ref)
         ]
 
     # --- checkpoints ----------------------------------------------------------------------------------

@@ -287,3 +287,16 @@ def test_validate_writes_the_sample_table_to_tensorboard(tmp_path):
         ids, fixed, attn = val["input_ids"][r], val["fixed"][r], val["attention_mask"][r]
         assert reference.strip() == dm.tokenizer.decode(ids[attn & ~fixed].tolist())
         assert prompt.strip()  # every star row is conditional
+
+
+def test_predict_records_keep_the_reference_row_by_row():
+    model = tiny()
+    model.noise_seed = 0
+    rows, _ = batch()
+    n = rows["input_ids"].shape[0]
+    plain = model.predict_step(dict(rows), 0)
+    assert len(plain) == n and all("reference" in r for r in plain)
+    flags = torch.tensor([True, False] * (n // 2))
+    mixed = model.predict_step({**rows, "has_reference": flags}, 0)
+    assert ["reference" in r for r in mixed] == flags.tolist()
+    assert [r["generated"] for r in mixed] == [r["generated"] for r in plain]  # the flag changes the record only
