@@ -12,11 +12,14 @@ import pickle
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.flop_counter import FlopCounterMode
+
+from insertion_diffusion.data.corpus import atomic_write
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
@@ -47,12 +50,9 @@ def matmul_peak_flops(n: int = 1024, dtype: torch.dtype = torch.float32, repeats
 
 
 def write_json_atomic(path: str, obj: object) -> None:
-    """Write ``obj`` as indented JSON to ``path`` through a temporary file and a rename, so a reader never sees half
-    a file (a run killed mid-write leaves the previous file)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
+    """Write ``obj`` as indented JSON to ``path`` with the package's atomic write (a run killed mid-write leaves
+    the previous file, never half a file)."""
+    atomic_write(Path(path), json.dumps(obj, indent=2).encode())
 
 
 class CurveWriter(Callback):

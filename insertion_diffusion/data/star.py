@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 
 from insertion_diffusion.data.base import SequenceDataModule, encode_rows
+from insertion_diffusion.data.corpus import atomic_write
 from insertion_diffusion.metrics.star import ExactMatch, TokenAccuracy, ValidPathRate
 from insertion_diffusion.tokenizers import IntegerTokenizer
 
@@ -191,20 +191,6 @@ def generate_splits(preset: StarPreset, sizes: dict[str, int], seed: int) -> dic
 # --- cache I/O -------------------------------------------------------------------------------------------
 class _StaleCache(Exception):
     """The cache directory exists but cannot be trusted; the message says why."""
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory, fsync, then ``os.replace`` (readers never see half a file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fsync_dir(path: Path) -> None:
@@ -384,13 +370,13 @@ class StarGraphDataModule(SequenceDataModule):
             files = {}
             for split in SPLIT_BUILD_ORDER:
                 data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records[split]).encode()
-                _atomic_write(root / f"{split}.jsonl", data)
+                atomic_write(root / f"{split}.jsonl", data)
                 files[f"{split}.jsonl"] = {
                     "sha256": hashlib.sha256(data).hexdigest(),
                     "lines": len(records[split]),
                 }
             manifest = {"format_version": FORMAT_VERSION, "params": self.generation_params, "files": files}
-            _atomic_write(
+            atomic_write(
                 root / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
             )
             _fsync_dir(root)
