@@ -7,6 +7,8 @@ ratio to the alternative the backbone now uses (see docs/benchmarks.md):
 
 - GELU on the feed-forward hidden activations (B, W, 4d): tanh approximation vs exact (erf);
 - ``F.scaled_dot_product_attention`` with and without ``dropout_p`` (a non-zero value forces the math path);
+- dropout on a (B, W, d) block output, forward + backward: ``nn.Dropout`` (a ``bernoulli_`` mask) vs the
+  backbone's :class:`~insertion_diffusion.nn.transformer.Dropout` (four 15-bit uniforms per 64-bit draw);
 - forward + backward of one whole block with the old and new settings.
 
 Run: ``python benchmarks/speed_elementwise.py [--threads 2] [--repeats 30]``
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from common import median_seconds
 
-from insertion_diffusion.nn.transformer import Transformer, TransformerConfig
+from insertion_diffusion.nn.transformer import Dropout, Transformer, TransformerConfig
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -56,6 +58,11 @@ def main() -> None:
     pair("attention: dropout_p 0.1 -> 0", lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=0.1),
          lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep))
 
+    act = torch.randn(B, W, d, requires_grad=True)
+    old_drop, new_drop = torch.nn.Dropout(0.1), Dropout(0.1)
+    pair("dropout 0.1 on (B, W, d), fwd + bwd: bernoulli_ -> 15-bit",
+         lambda: old_drop(act).sum().backward(), lambda: new_drop(act).sum().backward())
+
     def block_step(net: Transformer, x: torch.Tensor, t: torch.Tensor) -> Callable[[], None]:
         def run() -> None:
             net.zero_grad(set_to_none=True)
@@ -69,14 +76,15 @@ def main() -> None:
         torch.manual_seed(0)
         cfg = TransformerConfig(num_layers=1, d_model=d, num_heads=4, d_cond=128, dropout=0.1, attention_dropout=attn_p)
         nets[name] = Transformer(24, cfg).train()
-    # The old block also used the tanh GELU: swap it back in for the "old" timing.
+    # The old block also used the tanh GELU and nn.Dropout: swap them back in for the "old" timing.
     nets["old"].blocks[0].ff[1] = torch.nn.GELU(approximate="tanh")
+    nets["old"].blocks[0].drop = torch.nn.Dropout(0.1)
     pair("one block, fwd + bwd (dropout 0.1): old -> new", block_step(nets["old"], x, t), block_step(nets["new"], x, t))
 
     print(f"element-wise costs, batch {B}, {W} tokens, d_model {d}, fp32, {torch.get_num_threads()} threads "
           f"(median of {args.repeats})")
     for name, t_old, t_new in rows:
-        print(f"{name:<48} {t_old:8.2f} ms -> {t_new:8.2f} ms   x{t_old / t_new:.2f}")
+        print(f"{name:<58} {t_old:8.2f} ms -> {t_new:8.2f} ms   x{t_old / t_new:.2f}")
 
 
 if __name__ == "__main__":

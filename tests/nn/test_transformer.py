@@ -8,6 +8,7 @@ import torch
 from insertion_diffusion.nn.transformer import (
     AdaLNHead,
     Block,
+    Dropout,
     ScalarHead,
     TimestepEmbedding,
     TokenConv,
@@ -330,3 +331,39 @@ def test_cached_decoding_with_conv_equals_full_forward(kernel):
     steps = [net.forward_cached(x[:, :3], cache, 0)]  # prefill, then one token at a time
     steps += [net.forward_cached(x[:, i : i + 1], cache, i) for i in range(3, 8)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_cpu_dropout_keeps_the_configured_share_and_the_mean(p):
+    """The 15-bit mask drops a share p of elements (to 2**-15), independently per element, and rescales the
+    rest so the expectation is unchanged; the gradient is the same mask times the same scale."""
+    torch.manual_seed(0)
+    drop = Dropout(p).train()
+    x = torch.ones(1_000_003, requires_grad=True)  # not a multiple of 4: the last 64-bit draw is partly used
+    y = drop(x)
+    kept = y != 0
+    share = kept.float().mean().item()
+    sd = (p * (1 - p) / x.numel()) ** 0.5
+    assert abs(share - (1 - p)) < 5 * sd
+    # neighbouring elements share a 64-bit draw: their masks must still be independent
+    pairs = kept[:-3].view(-1)[: (x.numel() - 3) // 4 * 4].view(-1, 4)
+    both = (pairs[:, 0] & pairs[:, 3]).float().mean().item()
+    assert abs(both - (1 - p) ** 2) < 5 * ((1 - p) ** 2 / pairs.shape[0]) ** 0.5
+    scale = 32768 / (32768 - round(p * 32768))
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], scale))
+    assert abs(y.mean().item() - 1.0) < 5 * sd * scale
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())
+
+
+def test_cpu_dropout_is_the_identity_in_eval_mode_and_repeatable_under_a_seed():
+    x = torch.randn(4, 7, 8)
+    drop = Dropout(0.3)
+    torch.testing.assert_close(drop.eval()(x), x)
+    drop.train()
+    torch.manual_seed(3)
+    a = drop(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(drop(x), a)
+    assert not torch.equal(drop(x), a)
+    torch.testing.assert_close(Dropout(0.0).train()(x), x)
