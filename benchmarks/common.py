@@ -137,8 +137,26 @@ def add_recipe_arguments(ap: argparse.ArgumentParser) -> None:
                     help="CPU processes under DDP (gloo); --batch-size stays the global batch, split evenly")
 
 
-def check_recipe_arguments(args: argparse.Namespace) -> None:
-    """Refuse a process count below 1 and a global batch that the DDP processes cannot split evenly."""
+# The recipe flags that only some methods read (argparse dest -> the --method values that read it).
+RECIPE_METHODS: dict[str, tuple[str, ...]] = {
+    "insertion_schedule": ("flexmdm",),
+    "integrate_hazard": ("flexmdm", "loflexmdm"),
+    "order_lr": ("loflexmdm",),
+    "generator_states": ("loflexmdm",),
+}
+
+
+def check_recipe_arguments(args: argparse.Namespace, ap: argparse.ArgumentParser | None = None,
+                           applies: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Refuse a process count below 1, a global batch that the DDP processes cannot split evenly and, given the
+    parser, a flag set away from its default that ``--method`` does not read (``applies`` adds the script's own
+    flags to :data:`RECIPE_METHODS`). A silently ignored flag would make a run look like something it is not."""
+    if ap is not None:
+        for dest, methods in {**RECIPE_METHODS, **(applies or {})}.items():
+            if args.method not in methods and getattr(args, dest) != ap.get_default(dest):
+                flag = "--" + dest.replace("_", "-")
+                raise SystemExit(f"{flag} applies to --method {' or '.join(methods)} only, not --method "
+                                 f"{args.method}: drop {flag} or change --method")
     if args.devices < 1:
         raise SystemExit(f"--devices {args.devices} must be >= 1 (CPU processes under DDP)")
     if args.batch_size % args.devices:

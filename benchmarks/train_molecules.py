@@ -56,6 +56,10 @@ MOLECULE_CURVE_KEYS = ("train/loss", "val/loss", "val/validity", "val/uniqueness
                        "val/nll_per_token")
 
 
+# Flags of this script that only some methods read (the shared recipe flags are in common.RECIPE_METHODS).
+METHOD_FLAGS = {"init_generator": ("flexmdm", "loflexmdm")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--method", default="flexmdm", choices=sorted(METHODS))
@@ -90,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = build_parser().parse_args()
-    check_recipe_arguments(args)
+    ap = build_parser()
+    args = ap.parse_args()
+    check_recipe_arguments(args, ap, METHOD_FLAGS)
     val_every = args.val_every or max(1, args.max_steps // 2)
 
     torch.set_num_threads(args.threads)
@@ -124,8 +129,6 @@ def main() -> None:
     ckpt_dir = os.path.join(args.out, "checkpoints")
     last = os.path.join(ckpt_dir, "last.ckpt")
     if args.init_generator and not os.path.exists(last):
-        if args.method not in ("flexmdm", "loflexmdm"):
-            raise SystemExit("--init-generator applies to --method flexmdm or loflexmdm")
         n = init_generator(model, args.init_generator)
         print(f"generator initialised from {args.init_generator} ({n} tensors)")
     trainer = L.Trainer(

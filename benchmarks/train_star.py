@@ -52,7 +52,17 @@ STAR_CURVE_KEYS = ("train/loss", "val/loss", "val/exact_match", "val/token_accur
                    "val/order_corr_unmask", "val/order_corr_phi")
 
 
-def main() -> None:
+# Flags only some methods read; one set for another method is refused. The sampler flags (--val-steps,
+# --test-steps, --confidence) stay allowed for ARM, which decodes greedily one token at a time and ignores them,
+# so that one command line can loop over all four methods.
+LOFLEX, INSERTION = ("loflexmdm",), ("flexmdm", "loflexmdm")
+METHOD_FLAGS = {
+    "order_layers": LOFLEX, "order_time_conditioning": LOFLEX, "reg_weight": LOFLEX, "no_pathwise": LOFLEX,
+    "advantage": LOFLEX, "unmasking_schedule": ("flexmdm",), "insert_weight": INSERTION, "init_generator": INSERTION,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="easy")
     ap.add_argument("--method", default="flexmdm", choices=sorted(METHODS))
@@ -82,15 +92,20 @@ def main() -> None:
     ap.add_argument("--ema-decay", type=float, default=None,
                     help="evaluate an exponential moving average of the weights (Lightning EMAWeightAveraging)")
     ap.add_argument("--val-every", type=int, default=1000)
-    ap.add_argument("--val-steps", type=int, default=64, help="sampler steps during validation")
-    ap.add_argument("--test-steps", type=int, default=128, help="sampler steps at test")
+    ap.add_argument("--val-steps", type=int, default=64, help="sampler steps during validation (not ARM)")
+    ap.add_argument("--test-steps", type=int, default=128, help="sampler steps at test (not ARM)")
     ap.add_argument("--confidence", default="top_prob")
     ap.add_argument("--num-test", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads per process")
     add_recipe_arguments(ap)
     ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def main() -> None:
+    ap = build_parser()
     args = ap.parse_args()
-    check_recipe_arguments(args)
+    check_recipe_arguments(args, ap, METHOD_FLAGS)
 
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, workers=True)
@@ -121,8 +136,6 @@ def main() -> None:
     ckpt_dir = os.path.join(args.out, "checkpoints")
     last = os.path.join(ckpt_dir, "last.ckpt")
     if args.init_generator and not os.path.exists(last):
-        if args.method not in ("flexmdm", "loflexmdm"):
-            raise SystemExit("--init-generator applies to --method flexmdm or loflexmdm")
         n = init_generator(model, args.init_generator)
         print(f"generator initialised from {args.init_generator} ({n} tensors)")
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=args.val_every),

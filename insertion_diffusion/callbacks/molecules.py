@@ -104,6 +104,15 @@ class MoleculeSampleLogger(Callback):
             return
         self._run(trainer, pl_module, "val")
 
+    @property
+    def state_key(self) -> str:
+        # Lightning keys a callback's checkpoint state by class name unless told otherwise: two loggers with
+        # different rhythms (say every validation for a small grid, every 10th for a large CSV) would then
+        # overwrite each other's count. The settings that make an instance distinct go into its key.
+        return self._generate_state_key(
+            every_n_validations=self.every_n_validations, num_samples=self.num_samples, stages=self.stages
+        )
+
     def state_dict(self) -> dict[str, Any]:
         return {"validations_seen": self.validations_seen}
 

@@ -279,6 +279,13 @@ class Transformer(nn.Module):
             self.convs = nn.ModuleList(TokenConv(cfg.d_model, cfg.conv_kernel, causal) for _ in range(cfg.num_layers))
         head_dim = cfg.d_model // cfg.num_heads
         rd = cfg.rotary_dim or head_dim
+        if cfg.rotary_dim is None and head_dim % 2:
+            # rotary_dim was left at its default (the whole head): name the settings the user did give.
+            raise ValueError(
+                f"backbone settings d_model={cfg.d_model} and num_heads={cfg.num_heads} give an odd head dim "
+                f"{head_dim}; rotary positions rotate pairs of dims: pick d_model / num_heads even, or set "
+                f"rotary_dim to an even value below {head_dim} {CONFIG_KEYS}"
+            )
         if rd % 2 or rd > head_dim:
             raise ValueError(
                 f"backbone setting rotary_dim={rd} must be even and <= the head dim d_model / num_heads = {head_dim} "

@@ -122,6 +122,38 @@ def test_recipe_arguments_refuse_zero_processes_and_an_uneven_batch():
     check_recipe_arguments(argparse.Namespace(devices=2, batch_size=64))
 
 
+@pytest.mark.parametrize(
+    ("script", "argv", "message"),
+    [
+        ("train_star", "--method flexmdm --order-layers 3", "--order-layers applies to --method loflexmdm only, not --method flexmdm"),
+        ("train_star", "--method loflexmdm --insertion-schedule poly:0.25", "--insertion-schedule applies to --method flexmdm only"),
+        ("train_star", "--method mdlm --integrate-hazard", "--integrate-hazard applies to --method flexmdm or loflexmdm only"),
+        ("train_star", "--method arm --init-generator x.ckpt", "--init-generator applies to --method flexmdm or loflexmdm"),
+        ("train_star", "--method flexmdm --generator-states 1", "--generator-states applies to --method loflexmdm only"),
+        ("train_molecules", "--method mdlm --order-lr 1e-4", "--order-lr applies to --method loflexmdm only, not --method mdlm"),
+        ("train_molecules", "--method arm --insertion-schedule cosine", "--insertion-schedule applies to --method flexmdm only"),
+    ],
+)
+def test_training_scripts_refuse_a_flag_their_method_would_ignore(script, argv, message):
+    module = __import__(script)
+    ap = module.build_parser()
+    args = ap.parse_args(argv.split())
+    with pytest.raises(SystemExit, match=f"^{message}.*: drop --"):
+        check_recipe_arguments(args, ap, module.METHOD_FLAGS)
+
+
+@pytest.mark.parametrize("method", ["flexmdm", "loflexmdm", "arm", "mdlm"])
+def test_training_scripts_accept_defaults_and_shared_sampler_flags_for_every_method(method):
+    import train_molecules
+    import train_star
+
+    ap = train_star.build_parser()
+    check_recipe_arguments(ap.parse_args(f"--method {method} --val-steps 32 --test-steps 128".split()), ap,
+                           train_star.METHOD_FLAGS)
+    ap = train_molecules.build_parser()
+    check_recipe_arguments(ap.parse_args(f"--method {method} --sampler-steps 64".split()), ap, train_molecules.METHOD_FLAGS)
+
+
 def test_json_is_written_whole_and_leaves_no_temporary_file(tmp_path):
     path = tmp_path / "result.json"
     path.write_text('{"old": 1}')

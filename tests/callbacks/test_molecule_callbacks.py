@@ -154,6 +154,26 @@ def test_step_based_validations_are_counted_within_an_epoch(tmp_path):
     assert resumed.validations_seen == 3  # the next validation (the 4th) is logged after a resume
 
 
+def test_two_loggers_keep_their_own_counts_through_a_checkpoint(tmp_path):
+    """Two instances in one Trainer are saved under distinct keys and each gets its own count back on resume."""
+    every, rare = (MoleculeSampleLogger(every_n_validations=n, num_samples=2, grid_size=0, stages="val")
+                   for n in (1, 3))
+    assert every.state_key != rare.state_key
+    t = trainer(tmp_path, CSVLogger(tmp_path, name="csv", version="v0"), every, max_epochs=1, limit_train_batches=6,
+                val_check_interval=2, callbacks=[every, rare], enable_checkpointing=True)
+    t.fit(StubModel(), datamodule=StubData(n_train=24))
+    every.validations_seen, rare.validations_seen = 5, 7  # distinct values: a shared key would keep only one
+    ckpt = os.path.join(tmp_path, "two.ckpt")
+    t.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)["callbacks"]
+    assert {saved[every.state_key]["validations_seen"], saved[rare.state_key]["validations_seen"]} == {5, 7}
+    again = [MoleculeSampleLogger(every_n_validations=n, num_samples=2, grid_size=0, stages="val") for n in (1, 3)]
+    t2 = trainer(tmp_path, CSVLogger(tmp_path, name="csv", version="v1"), again[0], max_epochs=2, limit_train_batches=6,
+                 val_check_interval=2, callbacks=list(again), enable_checkpointing=True, limit_val_batches=0)
+    t2.fit(StubModel(), datamodule=StubData(n_train=24), ckpt_path=ckpt)
+    assert [c.validations_seen for c in again] == [5, 7]
+
+
 def test_other_logger_writes_only_the_csv(tmp_path):
     callback = MoleculeSampleLogger(num_samples=3, stages="val")
     t = trainer(tmp_path, CSVLogger(tmp_path, name="csv", version="v0"), callback, max_epochs=1)

@@ -74,7 +74,7 @@ def test_padding_invariance(cfg):
     x = tokens(B, W, seed=1)
     lengths = torch.tensor([7, 3, 5, 1])
     valid = torch.arange(W)[None, :] < lengths[:, None]
-    t = torch.rand(B)
+    t = torch.rand(B, generator=torch.Generator().manual_seed(3))
     h, _ = net(x, t, valid)
     # Append PAD columns (and garbage in the already-padded slots): real positions must not change.
     x2 = torch.cat([x, torch.zeros(B, extra, dtype=torch.long)], 1)
@@ -83,7 +83,9 @@ def test_padding_invariance(cfg):
     h2, _ = net(x2, t, valid2)
     for b in range(B):
         n = lengths[b].item()
-        torch.testing.assert_close(h2[b, :n], h[b, :n], atol=1e-5, rtol=1e-5)
+        # fp32 noise only: a wider row changes the attention kernel's blocking and so its summation order
+        # (differences up to 2e-5 were seen with unseeded t; a leak of padding would be O(0.1))
+        torch.testing.assert_close(h2[b, :n], h[b, :n], atol=1e-4, rtol=1e-4)
         # And each row equals the same row run alone, unpadded.
         alone, _ = net(x[b : b + 1, :n], t[b : b + 1], None)
         torch.testing.assert_close(alone[0], h[b, :n], atol=2e-4, rtol=1e-4)
@@ -213,6 +215,11 @@ def test_rotary_dim_option():
     assert net(x, torch.rand(3), None)[0].shape == (3, 9, 32)
     with pytest.raises(ValueError, match=r"backbone setting rotary_dim=7 must be even and <= .* = 16 \(model\.backbone"):
         Transformer(V, TransformerConfig(num_layers=1, d_model=32, num_heads=2, rotary_dim=7))
+    # rotary_dim left at its default: the message names what was set (d_model, num_heads), not rotary_dim
+    with pytest.raises(ValueError, match=r"^backbone settings d_model=36 and num_heads=4 give an odd head dim 9; .*"
+                                         r"rotary_dim to an even value below 9 \(model\.backbone"):
+        Transformer(V, TransformerConfig(num_layers=1, d_model=36, num_heads=4))
+    assert Transformer(V, TransformerConfig(num_layers=1, d_model=36, num_heads=4, rotary_dim=8)).rotary_dim == 8
     with pytest.raises(ValueError, match=r"backbone setting rotary_dim=32 .* = 16 \(model\.backbone"):
         Transformer(V, TransformerConfig(num_layers=1, d_model=32, num_heads=2, rotary_dim=32))
 
