@@ -61,8 +61,8 @@ class LoFlexMDM(InsertionModel):
         generator_states: how many of the two partial states per row train the generator. 2 (the method):
             both, in one batched forward of 2B rows. 1: only the first; the second runs through the generator
             without autograd and serves the REINFORCE baseline and the order network's pathwise gradient. This
-            halves the generator's backward pass (LoFlexMDM / FlexMDM step time measured 2.07x instead of
-            2.85x, see docs/loflexmdm.md) at the price of a noisier generator gradient (one partial state per row,
+            halves the generator's backward pass (LoFlexMDM / FlexMDM step time measured 1.92x instead of
+            2.58x, see docs/loflexmdm.md) at the price of a noisier generator gradient (one partial state per row,
             as FlexMDM has). Under AdamW the generator's gradient, halved by the ``(L1 + L2) / 2`` average,
             needs no rescaling.
         advantage_normalization: how a partial state's loss is normalised into the REINFORCE reward:
