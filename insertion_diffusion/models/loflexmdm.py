@@ -50,14 +50,23 @@ class LoFlexMDM(InsertionModel):
         order_b_min, order_b_max: bounds of the order network's rates (``b >= 1`` never delays insertion
             beyond the uniform schedule, leaving time to unmask).
         order_rate_fn: "softplus" or "exp" squashing of the order rates.
-        generator_b_min, generator_b_max: bounds of the generator's predicted rates.
+        generator_b_min, generator_b_max: bounds of the generator's predicted rate multipliers. A gap's target is
+            the sum of its deleted tokens' ``b_in``: near ``t = 0`` the EOS gap of a long row holds every noisy token,
+            so the target reaches ``(max_length - 1) * order_b_min`` and beyond. The default ``generator_b_max``
+            (None) is therefore ``max_length * order_b_max``, the largest target any gap can have; a fixed cap
+            below it (100 before the tenth session) clips the insertion rate of long rows where its gradient is 0.
         order_time_conditioning: the order network also sees ``t`` (rates ``b(z1, t)``).
         reinforce_weight: weight of the REINFORCE term.
         pathwise: let the order network also get the pathwise gradient through the target rates.
         reg_mixture, reg_endpoint, reg_kl: weights of the three schedule regularisers.
         order_lr: learning rate of the order network (default: ``lr``).
         time_eps: training times are stratified over ``[time_eps, 1 - time_eps]``.
-        insert_weight: weight of the insertion-rate term (as in FlexMDM).
+        insert_weight: weight of the insertion-rate term in the generator's loss (as in FlexMDM).
+        order_insert_weight: weight of the insertion term in what the order network optimises: its pathwise
+            gradient through the target rates and its REINFORCE reward. method.md trains ``phi`` on
+            ``L_um / |M| + L_in / L`` (weight 1); the default (None) ties it to ``insert_weight``, which is what
+            every run recorded in docs/results.md used. The generator's gradient and the loss value do not
+            depend on it.
         generator_states: how many of the two partial states per row train the generator. 2 (the method):
             both, in one batched forward of 2B rows. 1: only the first; the second runs through the generator
             without autograd and serves the REINFORCE baseline and the order network's pathwise gradient. This
@@ -89,7 +98,7 @@ class LoFlexMDM(InsertionModel):
         order_b_max: float = 100.0,
         order_rate_fn: str = "softplus",
         generator_b_min: float = 0.0,
-        generator_b_max: float = 100.0,
+        generator_b_max: float | None = None,
         order_time_conditioning: bool = False,
         reinforce_weight: float = 1.0,
         pathwise: bool = True,
@@ -99,6 +108,7 @@ class LoFlexMDM(InsertionModel):
         order_lr: float | None = None,
         time_eps: float = 1e-3,
         insert_weight: float = 0.1,
+        order_insert_weight: float | None = None,
         advantage_normalization: str = "per_mask",
         generator_states: int = 2,
         sampler: SamplerConfig | None = None,
@@ -119,6 +129,8 @@ class LoFlexMDM(InsertionModel):
         )
         if not a > 0:
             raise ValueError(f"model.a must be > 0, got {a}")
+        if generator_b_max is None:
+            generator_b_max = float(max_length) * order_b_max
         for name, lo, hi in (("order", order_b_min, order_b_max), ("generator", generator_b_min, generator_b_max)):
             if not 0.0 <= lo < hi:
                 raise ValueError(
@@ -149,6 +161,9 @@ class LoFlexMDM(InsertionModel):
         if not insert_weight > 0:
             raise ValueError(f"model.insert_weight must be > 0, got {insert_weight}")
         self.insert_weight = insert_weight
+        if order_insert_weight is not None and not order_insert_weight > 0:
+            raise ValueError(f"model.order_insert_weight must be > 0 (or null: model.insert_weight), got {order_insert_weight}")
+        self.order_insert_weight = insert_weight if order_insert_weight is None else float(order_insert_weight)
         if advantage_normalization not in ADVANTAGE_NORMALIZATIONS:
             raise ValueError(
                 f"model.advantage_normalization={advantage_normalization!r}; allowed values: "
@@ -207,12 +222,16 @@ class LoFlexMDM(InsertionModel):
     # --- loss -----------------------------------------------------------------------------------------
     def state_terms(
         self, st, t: Tensor, b_in: Tensor, b_um: Tensor, logits: Tensor, g_in: Tensor, g_um: Tensor | None,
-        insert_weight: float | None = None,
+        insert_weight: float | None = None, target_insert_weight: float | None = None,
     ):
         """Per-row rate-matching loss of partial states ``st`` given clock rates ``b_in``, ``b_um`` (B, L).
 
         Target rates: a gap's insertion rate is the sum of its deleted tokens' hazards ``b_in h_a(t)``; a
         mask's unmasking rate is ``b_um h_a(t)`` of its source token. Returns ``(LossTerms, per_row)``.
+
+        ``target_insert_weight``: the insertion term's weight in the gradient through the *targets* (that is,
+        to the order network), when it differs from ``insert_weight`` (the weight of the value and of the
+        gradient to the generator's prediction). A term of value 0 carries the difference.
         """
         h = self.clock.h(t)[:, None]
         target_in = st.gap_sums(b_in * h)
@@ -223,6 +242,11 @@ class LoFlexMDM(InsertionModel):
             self.insert_weight if insert_weight is None else insert_weight,
         )
         per_row = terms.per_row
+        w = self.insert_weight if insert_weight is None else insert_weight
+        if target_insert_weight is not None and target_insert_weight != w and target_in.requires_grad:
+            # d/d(target) of (w_t - w) * D(target, sg(pred)), with its value subtracted: only the gradient remains
+            through_target = (bregman_rate(target_in, (g_in * h).detach()) * allowed.float()).sum(1)
+            per_row = per_row + (target_insert_weight - w) * (through_target - through_target.detach())
         if g_um is not None:
             um_breg = (bregman_rate(target_um, g_um * h) * st.is_mask).sum(1)
             per_row = per_row + um_breg
@@ -235,11 +259,12 @@ class LoFlexMDM(InsertionModel):
         ``per_mask`` (default, as in the method): the unmasking term averaged over the row's masks plus the
         insertion term over ``L``. Summing over masks instead (``per_token``) rewards states with FEWER
         masks, i.e. later insertion, and drives every ``b_in`` to ``order_b_min`` (observed: within ~250
-        steps on star-medium).
+        steps on star-medium). The insertion term enters at ``order_insert_weight``.
         """
+        insert_rows = terms.insert_rows * (self.order_insert_weight / self.insert_weight)
         if self.advantage_normalization == "per_token":
-            return (terms.unmask_rows + terms.insert_rows) / L
-        reward = terms.unmask_rows / terms.masked_rows.clamp_min(1) + terms.insert_rows / L
+            return (terms.unmask_rows + insert_rows) / L
+        reward = terms.unmask_rows / terms.masked_rows.clamp_min(1) + insert_rows / L
         if self.advantage_normalization == "per_mask_time" and t is not None:
             # Both states of a row share t: dividing by h_a(t) rescales rows, never flips a comparison, and
             # removes the 1/(1-t) blow-up that dominates the estimator's variance near t = 1.
@@ -289,7 +314,8 @@ class LoFlexMDM(InsertionModel):
         logits, g_in, g_um = self.generator_outputs(st, t2, B)
         tb_in = b_in2 if self.pathwise else b_in2.detach()
         tb_um = b_um2 if self.pathwise else b_um2.detach()
-        terms, per_row = self.state_terms(st, t2, tb_in, tb_um, logits, g_in, g_um)
+        terms, per_row = self.state_terms(st, t2, tb_in, tb_um, logits, g_in, g_um,
+                                          target_insert_weight=self.order_insert_weight)
         per_row = per_row / L
         loss_1, loss_2 = per_row[:B], per_row[B:]
         gen_loss = 0.5 * (loss_1 + loss_2).mean()

@@ -97,6 +97,7 @@ def is_order(name: str) -> bool:
         ({"time_eps": 0.5}, ["model.time_eps"]),
         ({"order_rate_fn": "relu"}, ["model.order_rate_fn='relu'", "softplus, exp"]),
         ({"generator_states": 3}, ["model.generator_states", "1, 2"]),
+        ({"order_insert_weight": 0.0}, ["model.order_insert_weight", "model.insert_weight"]),
     ],
 )
 def test_invalid_arguments_name_the_key(kwargs, keys):
@@ -781,6 +782,30 @@ def test_flexmdm_checkpoint_file_through_the_trainer(tmp_path):
     assert "LoFlexMDM" in str(err.value)
 
 
+def test_order_insert_weight_changes_only_what_the_order_network_sees():
+    """order_insert_weight = 1 with insert_weight = 0.1: the loss value and the generator's gradient are those of
+    insert_weight 0.1; the order network's pathwise gradient and the REINFORCE advantages are those of weight 1."""
+    b, _ = batch()
+    off = dict(reinforce_weight=0.0, reg_mixture=0.0, reg_endpoint=0.0, reg_kl=0.0)
+    out = {}
+    for name, kw in (("split", dict(insert_weight=0.1, order_insert_weight=1.0)), ("tied", dict(insert_weight=0.1)),
+                     ("one", dict(insert_weight=1.0))):
+        lo = tiny(seed=0, **kw, **off)
+        perturb(lo, seed=2)
+        out[name] = loss_grads(lo, b, seed=4)
+    (l_s, logs_s, g_s), (l_t, _, g_t), (_, logs_1, g_1) = out["split"], out["tied"], out["one"]
+    torch.testing.assert_close(l_s, l_t)
+    gen = [n for n in g_s if not is_order(n)]
+    order = [n for n in g_s if is_order(n) and nonzero(g_s[n])]
+    assert order and any(nonzero(g_s[n]) for n in gen)
+    for n in gen:
+        torch.testing.assert_close(g_s[n], g_t[n], msg=n)
+    for n in order:
+        torch.testing.assert_close(g_s[n], g_1[n], msg=n)
+    assert any(not torch.allclose(g_s[n], g_t[n]) for n in order)
+    torch.testing.assert_close(logs_s["adv_abs_mean"], logs_1["adv_abs_mean"])
+
+
 def test_reinforce_reward_is_per_mask_by_default_and_validated():
     """A state's REINFORCE reward averages the unmasking term over its masks, so fewer masks alone is not
     'easier' (summing over masks drives every b_in to order_b_min)."""
@@ -824,3 +849,29 @@ def test_sequence_nll_matches_flexmdm_bound_at_unit_rates(monkeypatch):
         nll_lo, nll_flex = lo.sequence_nll(b), flex.sequence_nll(b)
     assert torch.isfinite(nll_lo).all() and (nll_lo > 0).all()
     assert nll_lo.mean().item() == pytest.approx(nll_flex.mean().item(), rel=0.1)
+
+
+def test_generator_rate_cap_covers_the_largest_gap_target():
+    """Near t = 0 a long row's EOS gap holds every noisy token: its target multiplier, the sum of their b_in,
+    is >= (L - 2) * order_b_min. The default cap must sit above it with the gradient alive (a fixed cap of 100,
+    the old default, clipped it to 100 with zero gradient for rows over ~100 tokens)."""
+    L = 150
+    model = LoFlexMDM(TOK, max_length=L, backbone=cfg(), sampler=SamplerConfig(steps=4),
+                      order_backbone=TransformerConfig(num_layers=1, d_model=32, num_heads=2, d_cond=16, dropout=0.0))
+    z1 = torch.cat([torch.tensor([[BOS]]), torch.randint(0, 10, (1, L - 2)), torch.tensor([[EOS]])], 1)
+    fixed = torch.zeros_like(z1, dtype=torch.bool)
+    fixed[:, 0] = fixed[:, -1] = True
+    attn = torch.ones_like(fixed)
+    t = torch.tensor([1e-3])
+    b_in = torch.full((1, L), 1.01)
+    ones = torch.ones(1, L)
+    st = partial_state(z1, fixed, attn, t, ones * 0.5, ones * 0.9, MASK, PAD)  # every noisy token deleted at t
+    target = st.gap_sums(b_in).max()
+    assert target.item() == pytest.approx((L - 2) * 1.01, rel=1e-5)
+    raw = torch.tensor(target.item() + 5.0, requires_grad=True)  # a raw head output that should map above it
+    rate = model.gen_bound(raw)
+    rate.backward()
+    assert rate.item() > target.item() and raw.grad.item() > 0
+    assert model.gen_bound.b_max == L * 100.0  # max_length * order_b_max
+    capped = LoFlexMDM(TOK, max_length=L, backbone=cfg(), generator_b_max=100.0)
+    assert capped.gen_bound(torch.tensor(target.item())).item() == 100.0  # an explicit cap is still honoured
