@@ -33,7 +33,12 @@ TA_EPS = 1e-7
 def log1mexp(x: Tensor) -> Tensor:
     """``log(1 - exp(-x))`` for ``x > 0``, accurate for small and large ``x``."""
     x = x.clamp_min(1e-30)
-    return torch.where(x < math.log(2.0), torch.log(-torch.expm1(-x)), torch.log1p(-torch.exp(-x)))
+    small = x < math.log(2.0)
+    # Each branch gets only inputs it handles: torch.where still back-propagates through the branch it did not
+    # pick, and log1p(-exp(-x)) has an infinite derivative at tiny x in fp32 (0 * inf = NaN in the gradient).
+    near = torch.log(-torch.expm1(-torch.where(small, x, torch.ones_like(x))))
+    far = torch.log1p(-torch.exp(-torch.where(small, torch.ones_like(x), x)))
+    return torch.where(small, near, far)
 
 
 def log_g(x: Tensor) -> Tensor:
