@@ -58,7 +58,7 @@ STAR_CURVE_KEYS = ("train/loss", "val/loss", "val/exact_match", "val/token_accur
 LOFLEX, INSERTION = ("loflexmdm",), ("flexmdm", "loflexmdm")
 METHOD_FLAGS = {
     "order_layers": LOFLEX, "order_time_conditioning": LOFLEX, "reg_weight": LOFLEX, "no_pathwise": LOFLEX,
-    "advantage": LOFLEX, "unmasking_schedule": ("flexmdm",), "insert_weight": INSERTION, "init_generator": INSERTION,
+    "advantage": LOFLEX, "shape_a": LOFLEX, "order_insert_weight": LOFLEX, "unmasking_schedule": ("flexmdm",), "insert_weight": INSERTION, "init_generator": INSERTION,
 }
 
 
@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--reg-weight", type=float, default=1.0, help="LoFlexMDM: weight of each schedule regulariser")
     ap.add_argument("--no-pathwise", action="store_true", help="LoFlexMDM: REINFORCE and regularisers only")
     ap.add_argument("--advantage", default="per_mask", help="LoFlexMDM advantage_normalization")
+    ap.add_argument("--shape-a", type=float, default=1.0,
+                    help="LoFlexMDM: the shared Kumaraswamy shape a (a < 1 inserts early, like poly:<a>; needs "
+                         "--integrate-hazard)")
+    ap.add_argument("--order-insert-weight", type=float, default=None,
+                    help="LoFlexMDM: weight of the insertion term in the order network's objective (default: "
+                         "--insert-weight; method.md: 1)")
     ap.add_argument("--init-generator", default=None,
                     help="FlexMDM or LoFlexMDM: start the generator (backbone, token head, gap head) from this FlexMDM "
                          "checkpoint of the same size, with a fresh optimiser; for LoFlexMDM, a = 1 and b = 1 make "
@@ -128,6 +134,7 @@ def main() -> None:
         extra["order_time_conditioning"] = args.order_time_conditioning
         extra.update(reg_mixture=args.reg_weight, reg_endpoint=args.reg_weight, reg_kl=args.reg_weight,
                      pathwise=not args.no_pathwise, advantage_normalization=args.advantage,
+                     a=args.shape_a, order_insert_weight=args.order_insert_weight,
                      generator_states=args.generator_states)
     model = METHODS[args.method](
         dm.tokenizer, dm.max_length, backbone=backbone, lr=args.lr, warmup_steps=args.warmup, lr_schedule=args.lr_schedule,
