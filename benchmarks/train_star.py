@@ -58,7 +58,8 @@ STAR_CURVE_KEYS = ("train/loss", "val/loss", "val/exact_match", "val/token_accur
 LOFLEX, INSERTION = ("loflexmdm",), ("flexmdm", "loflexmdm")
 METHOD_FLAGS = {
     "order_layers": LOFLEX, "order_time_conditioning": LOFLEX, "reg_weight": LOFLEX, "no_pathwise": LOFLEX,
-    "advantage": LOFLEX, "shape_a": LOFLEX, "order_insert_weight": LOFLEX, "unmasking_schedule": ("flexmdm",), "insert_weight": INSERTION, "init_generator": INSERTION,
+    "advantage": LOFLEX, "shape_a": LOFLEX, "order_insert_weight": LOFLEX,
+    "reg_frame": LOFLEX, "unmasking_schedule": ("flexmdm",), "insert_weight": INSERTION, "init_generator": INSERTION,
 }
 
 
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shape-a", type=float, default=1.0,
                     help="LoFlexMDM: the shared Kumaraswamy shape a (a < 1 inserts early, like poly:<a>; needs "
                          "--integrate-hazard)")
+    ap.add_argument("--reg-frame", default="relative", choices=("relative", "absolute"),
+                    help="LoFlexMDM: regularise towards F(t; a, 1) (relative) or the uniform law in t (absolute)")
     ap.add_argument("--order-insert-weight", type=float, default=None,
                     help="LoFlexMDM: weight of the insertion term in the order network's objective (default: "
                          "--insert-weight; method.md: 1)")
@@ -134,7 +137,7 @@ def main() -> None:
         extra["order_time_conditioning"] = args.order_time_conditioning
         extra.update(reg_mixture=args.reg_weight, reg_endpoint=args.reg_weight, reg_kl=args.reg_weight,
                      pathwise=not args.no_pathwise, advantage_normalization=args.advantage,
-                     a=args.shape_a, order_insert_weight=args.order_insert_weight,
+                     a=args.shape_a, order_insert_weight=args.order_insert_weight, reg_frame=args.reg_frame,
                      generator_states=args.generator_states)
     model = METHODS[args.method](
         dm.tokenizer, dm.max_length, backbone=backbone, lr=args.lr, warmup_steps=args.warmup, lr_schedule=args.lr_schedule,

@@ -35,6 +35,7 @@ from insertion_diffusion.sampling.tau_leaping import SamplerConfig
 from insertion_diffusion.tokenizers import Tokenizer
 
 ADVANTAGE_NORMALIZATIONS = ("per_mask", "per_mask_time", "per_token")
+REG_FRAMES = ("relative", "absolute")
 
 
 class LoFlexMDM(InsertionModel):
@@ -59,6 +60,13 @@ class LoFlexMDM(InsertionModel):
         reinforce_weight: weight of the REINFORCE term.
         pathwise: let the order network also get the pathwise gradient through the target rates.
         reg_mixture, reg_endpoint, reg_kl: weights of the three schedule regularisers.
+        reg_frame: what the regularisers pull towards. "relative" (default): the order-free schedule
+            ``F(t; a, 1)``; the terms are computed on the clock ``s = t^a``, where every token's law is
+            Kumaraswamy(1, b), so they are zero at ``b = 1`` for every ``a`` and only the per-token departures
+            are penalised. "absolute": the uniform law in ``t`` itself (method.md 6.3 read literally); with
+            ``a != 1`` no ``b`` makes them zero and they push every ``b`` to a bound (measured: ``a = 0.25``
+            sent every ``b_in`` to ``order_b_min`` within 100 steps). The two agree at ``a = 1``, the paper's
+            setting.
         order_lr: learning rate of the order network (default: ``lr``).
         time_eps: training times are stratified over ``[time_eps, 1 - time_eps]``.
         insert_weight: weight of the insertion-rate term in the generator's loss (as in FlexMDM).
@@ -105,6 +113,7 @@ class LoFlexMDM(InsertionModel):
         reg_mixture: float = 1.0,
         reg_endpoint: float = 1.0,
         reg_kl: float = 1.0,
+        reg_frame: str = "relative",
         order_lr: float | None = None,
         time_eps: float = 1e-3,
         insert_weight: float = 0.1,
@@ -156,6 +165,12 @@ class LoFlexMDM(InsertionModel):
         self.order_time_conditioning = order_time_conditioning
         self.reinforce_weight, self.pathwise = reinforce_weight, pathwise
         self.reg_weights = {"mixture": reg_mixture, "endpoint": reg_endpoint, "kl": reg_kl}
+        if reg_frame not in REG_FRAMES:
+            raise ValueError(f"model.reg_frame={reg_frame!r}; allowed values: {', '.join(REG_FRAMES)}")
+        self.reg_frame = reg_frame
+        # On the clock s = t^a the schedule F(t; a, b) = 1 - (1 - s)^b is Kumaraswamy(1, b): regularising there
+        # measures only the order network's departure from the shared shape.
+        self.reg_clock = KumaraswamyClock(1.0) if reg_frame == "relative" else self.clock
         self.order_lr = order_lr
         self.time_eps = time_eps
         if not insert_weight > 0:
@@ -326,9 +341,9 @@ class LoFlexMDM(InsertionModel):
         dlogp = logp[:B] - logp[B:]
         reinforce = 0.5 * (adv * dlogp).mean()
 
-        regs = schedule_regularizers(self.clock, b_in, noisy, generator=generator)
+        regs = schedule_regularizers(self.reg_clock, b_in, noisy, generator=generator)
         if self.learn_b_um:
-            regs_um = schedule_regularizers(self.clock, b_um, noisy, generator=generator, stream="reg_grid_um")
+            regs_um = schedule_regularizers(self.reg_clock, b_um, noisy, generator=generator, stream="reg_grid_um")
             regs = {k: v + u for (k, v), u in zip(regs.items(), regs_um.values())}
         reg = sum(self.reg_weights[k] * v for k, v in regs.items())
         loss = gen_loss + self.reinforce_weight * reinforce + reg

@@ -25,7 +25,7 @@ from insertion_diffusion.models.loflexmdm import (
     order_figure,
 )
 from insertion_diffusion.nn.transformer import TransformerConfig
-from insertion_diffusion.order.kumaraswamy import schedule_regularizers
+from insertion_diffusion.order.kumaraswamy import KumaraswamyClock, schedule_regularizers
 from insertion_diffusion.process.insertion import (
     DELETED,
     MASKED,
@@ -262,11 +262,14 @@ def test_unit_rates_cost_no_regulariser_with_an_empty_target_row(monkeypatch):
 # --- the objective, rebuilt by hand ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("learn_b_um", [False, True])
-def test_compute_loss_matches_manual_reconstruction(learn_b_um):
-    """J = (L1 + L2)/2 + sg(L1 - L2)(log p1 - log p2)/2 + sum_k w_k R_k, rebuilt from the same RNG stream."""
+@pytest.mark.parametrize(("learn_b_um", "reg_frame"), [(False, "relative"), (True, "relative"), (False, "absolute")])
+def test_compute_loss_matches_manual_reconstruction(learn_b_um, reg_frame):
+    """J = (L1 + L2)/2 + sg(L1 - L2)(log p1 - log p2)/2 + sum_k w_k R_k, rebuilt from the same RNG stream.
+
+    At a = 2 the "relative" regularisers are those of the laws Kumaraswamy(1, b) (the clock s = t^a), the
+    "absolute" ones those of Kumaraswamy(2, b)."""
     lo = tiny(seed=0, a=2.0, reg_mixture=0.7, reg_endpoint=1.3, reg_kl=0.4, reinforce_weight=0.8,
-              learn_b_um=learn_b_um)
+              learn_b_um=learn_b_um, reg_frame=reg_frame)
     perturb(lo, seed=1)
     b, _ = batch()
     z1, fixed, attn = b["input_ids"], b["fixed"], b["attention_mask"]
@@ -324,9 +327,10 @@ def test_compute_loss_matches_manual_reconstruction(learn_b_um):
                     logp[r] += lps[int(st.state[r, i])][r, i]
         rewards = torch.stack(rewards)
         reinforce = 0.5 * ((rewards[:B] - rewards[B:]) * (logp[:B] - logp[B:])).mean()
-        regs = schedule_regularizers(lo.clock, b_in, noisy, generator=g)
+        reg_clock = KumaraswamyClock(1.0) if reg_frame == "relative" else lo.clock
+        regs = schedule_regularizers(reg_clock, b_in, noisy, generator=g)
         if learn_b_um:  # the b_um part's grid offset is not reproduced here: check its endpoint/KL parts only
-            regs_um = schedule_regularizers(lo.clock, b_um, noisy)
+            regs_um = schedule_regularizers(reg_clock, b_um, noisy)
             regs = {k: v + regs_um[k] for k, v in regs.items()}
         reg = 0.7 * logs["reg_mixture"] + 1.3 * logs["reg_endpoint"] + 0.4 * logs["reg_kl"]
     torch.testing.assert_close(logs["loss_generator"], gen, rtol=1e-5, atol=1e-6)
@@ -428,6 +432,50 @@ def test_one_generator_state_keeps_the_loss_and_the_order_gradient(monkeypatch):
     monkeypatch.setattr(LoFlexMDM, "forward", spy)
     lo.compute_loss(b, generator=seeded(0))
     assert seen == [(6, True), (6, False)]
+
+
+EARLY = SamplerConfig(steps=16, integrate_hazard=True)  # a < 1 has an unbounded hazard at t = 0
+
+
+@pytest.mark.parametrize("a", [0.25, 3.0])
+def test_relative_regularisers_vanish_at_unit_rates_for_any_shape(monkeypatch, a):
+    """reg_frame "relative" pulls towards F(t; a, 1), so b = 1 costs nothing whatever the shared shape; the
+    "absolute" frame measures the distance to the uniform law in t, which a != 1 keeps away from zero."""
+    b, _ = batch()
+    B, L = b["input_ids"].shape
+    got = {}
+    for frame in ("relative", "absolute"):
+        lo = tiny(seed=0, a=a, reg_frame=frame, sampler=EARLY)
+        monkeypatch.setattr(lo, "order_rates", lambda bt, t=None: (torch.ones(B, L), torch.ones(B, L)))
+        with torch.no_grad():
+            _, logs = lo.compute_loss(b, generator=seeded(5))
+        got[frame] = {k: logs[f"reg_{k}"].item() for k in ("mixture", "endpoint", "kl")}
+    assert all(abs(v) < 1e-6 for v in got["relative"].values()), got
+    assert got["absolute"]["mixture"] > 1e-3 and abs(got["absolute"]["kl"]) > 1e-3, got
+
+
+def test_relative_regularisers_keep_a_shape_off_the_rate_floor():
+    """The measured failure the "relative" frame fixes: at a = 0.25 the absolute regularisers' gradient asks
+    every b_in to go down (towards later insertion, i.e. towards the linear schedule), so the order network is
+    driven to order_b_min; the relative ones only pull b_in back towards 1, and weakly near it."""
+    b, _ = batch()
+    signs = {}
+    for frame in ("relative", "absolute"):
+        lo = tiny(seed=0, a=0.25, reg_frame=frame, sampler=EARLY)
+        b_in = torch.full(b["input_ids"].shape, 1.02, requires_grad=True)
+        noisy = b["attention_mask"] & ~b["fixed"]
+        regs = schedule_regularizers(lo.reg_clock, b_in, noisy, generator=seeded(0))
+        sum(regs.values()).backward()
+        signs[frame] = b_in.grad[noisy]
+    assert (signs["absolute"] > 0).all()  # descent lowers every b_in: the floor
+    assert (signs["relative"] > 0).all()  # 1.02 > 1: back towards 1 ...
+    # ... but the pull at 1.02 is a small fraction of the absolute frame's
+    assert signs["relative"].abs().max() < 0.2 * signs["absolute"].abs().min()
+
+
+def test_unknown_reg_frame_names_the_key_and_the_allowed_values():
+    with pytest.raises(ValueError, match=r"model.reg_frame='uniform'; allowed values: relative, absolute"):
+        tiny(reg_frame="uniform")
 
 
 def test_regularisers_alone_reach_the_order_network():
