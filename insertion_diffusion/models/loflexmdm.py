@@ -49,7 +49,7 @@ class LoFlexMDM(InsertionModel):
         learn_b_um: learn per-token unmasking rates too (less stable); default: ``b_um = 1``.
         shared_backbone: the order network reuses the generator's transformer (own rate heads only).
         order_b_min, order_b_max: bounds of the order network's rates (``b >= 1`` never delays insertion
-            beyond the uniform schedule, leaving time to unmask).
+            beyond the order-free schedule ``F(t; a, 1)``, leaving time to unmask).
         order_rate_fn: "softplus" or "exp" squashing of the order rates.
         generator_b_min, generator_b_max: bounds of the generator's predicted rate multipliers. A gap's target is
             the sum of its deleted tokens' ``b_in``: near ``t = 0`` the EOS gap of a long row holds every noisy token,
@@ -66,7 +66,10 @@ class LoFlexMDM(InsertionModel):
             are penalised. "absolute": the uniform law in ``t`` itself (method.md 6.3 read literally); with
             ``a != 1`` no ``b`` makes them zero and they push every ``b`` to a bound (measured: ``a = 0.25``
             sent every ``b_in`` to ``order_b_min`` within 100 steps). The two agree at ``a = 1``, the paper's
-            setting.
+            setting. In the relative frame the endpoint windows are in ``s``: ``t < eps^(1/a)`` and
+            ``t > (1 - eps)^(1/a)``. Its zero, ``b = 1``, lies just below the default ``order_b_min = 1.01``, so
+            it still pulls rates towards the floor, weakly. Checkpoints saved before ``reg_frame`` existed
+            (eleventh session) with ``a != 1`` were trained with "absolute"; set it to resume them unchanged.
         order_lr: learning rate of the order network (default: ``lr``).
         time_eps: training times are stratified over ``[time_eps, 1 - time_eps]``.
         insert_weight: weight of the insertion-rate term in the generator's loss (as in FlexMDM).

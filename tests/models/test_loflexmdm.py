@@ -454,7 +454,7 @@ def test_relative_regularisers_vanish_at_unit_rates_for_any_shape(monkeypatch, a
     assert got["absolute"]["mixture"] > 1e-3 and abs(got["absolute"]["kl"]) > 1e-3, got
 
 
-def test_relative_regularisers_keep_a_shape_off_the_rate_floor():
+def test_relative_regularisers_pull_weakly_where_absolute_ones_push_to_the_floor():
     """The measured failure the "relative" frame fixes: at a = 0.25 the absolute regularisers' gradient asks
     every b_in to go down (towards later insertion, i.e. towards the linear schedule), so the order network is
     driven to order_b_min; the relative ones only pull b_in back towards 1, and weakly near it."""
