@@ -255,12 +255,9 @@ class LoFlexMDM(InsertionModel):
         target_in = st.gap_sums(b_in * h)
         target_um = torch.gather(b_um, 1, st.src) * h
         allowed = st.valid & (~st.fixed | (st.x == self.tokenizer.eos_id))
-        terms = rate_matching_terms(
-            logits, st.target, st.is_mask, target_um, target_in, g_in * h, allowed,
-            self.insert_weight if insert_weight is None else insert_weight,
-        )
-        per_row = terms.per_row
         w = self.insert_weight if insert_weight is None else insert_weight
+        terms = rate_matching_terms(logits, st.target, st.is_mask, target_um, target_in, g_in * h, allowed, w)
+        per_row = terms.per_row
         if target_insert_weight is not None and target_insert_weight != w and target_in.requires_grad:
             # d/d(target) of (w_t - w) * D(target, sg(pred)), with its value subtracted: only the gradient remains
             through_target = (bregman_rate(target_in, (g_in * h).detach()) * allowed.float()).sum(1)
