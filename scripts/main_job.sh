@@ -3,12 +3,13 @@
 #
 #   scripts/main_job.sh [CONFIG] [extra fit options ...]
 #
-# CONFIG defaults to configs/star/easy_loflexmdm.yaml. Extra options (e.g. --trainer.max_steps 100) go to fit;
+# CONFIG defaults to configs/star/cpu/easy_loflexmdm_early.yaml, the 2-core CPU recipe (two DDP processes, about
+# 22 minutes; configs/star/easy_loflexmdm.yaml is the larger, GPU-sized run). Extra options (e.g. --trainer.max_steps 100) go to fit;
 # test reads them back from the config.yaml that fit saved. Each run gets its own log directory <save_dir>/<name>/main-<timestamp>/, so the test always loads
 # the last.ckpt of the fit that just finished (`--ckpt_path last` would not find it from a new process).
 set -euo pipefail
 
-config="configs/star/easy_loflexmdm.yaml"
+config="configs/star/cpu/easy_loflexmdm_early.yaml"
 if [[ $# -gt 0 && "$1" != --* ]]; then
   config="$1"
   shift
@@ -28,8 +29,10 @@ if [[ ! -f "$ckpt" ]]; then
 fi
 cp "$log_dir/config.yaml" "$log_dir/fit_config.yaml"  # the test run below rewrites config.yaml
 
+# The test runs in one process even when fit used several: a distributed sampler would pad the test set with
+# repeated graphs whenever it does not split evenly, and one process needs no rendezvous.
 "${cli[@]}" test --config "$log_dir/fit_config.yaml" --ckpt_path "$ckpt" --trainer.enable_progress_bar false \
-  2>&1 | tee "$log_dir/test.log"
+  --trainer.devices 1 --trainer.num_nodes 1 --trainer.strategy auto 2>&1 | tee "$log_dir/test.log"
 
 python - "$log_dir" <<'PY'
 import re, sys
