@@ -48,6 +48,8 @@ def tiny_args(tmp_path: Path) -> list[str]:
         "run0",
         "--model.sampler.steps",
         "4",
+        "--model.sampler.val_steps",
+        "4",
         "--model.backbone.num_layers",
         "1",
         "--model.backbone.d_model",

@@ -86,6 +86,8 @@ def test_fit_then_test_with_custom_datamodule(task_dir):
         "32",
         "--model.sampler.steps",
         "4",
+        "--model.sampler.val_steps",
+        "4",
         "--data.num_val",
         "8",
         "--data.num_test",

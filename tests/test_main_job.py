@@ -29,7 +29,7 @@ def test_main_job_fits_on_two_processes_then_tests_in_one(tmp_path):
         tiny += [f"--model.{net}.num_layers", "1", f"--model.{net}.d_model", "32", f"--model.{net}.d_cond", "32"]
     tiny += [
         "--data.num_train", "128", "--data.num_val", "8", "--data.num_test", "7",
-        "--data.data_dir", str(tmp_path / "data"), "--model.sampler.steps", "4",
+        "--data.data_dir", str(tmp_path / "data"), "--model.sampler.steps", "4", "--model.sampler.val_steps", "4",
         "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1",

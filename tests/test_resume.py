@@ -61,7 +61,7 @@ def run_args(tmp: Path, config: str, version: str, record: Path, extra_callbacks
         "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1",
         "--trainer.accelerator", "cpu", "--trainer.deterministic", "true", "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", str(tmp / "runs"), "--trainer.logger.init_args.version", version,
-        "--model.sampler.steps", "4", "--model.backbone.num_layers", "1", "--model.backbone.d_model", "32",
+        "--model.sampler.steps", "4", "--model.sampler.val_steps", "4", "--model.backbone.num_layers", "1", "--model.backbone.d_model", "32",
         "--model.backbone.d_cond", "32", "--model.backbone.dropout", "0.1", "--model.warmup_steps", "2",
         *model_args,
     ]

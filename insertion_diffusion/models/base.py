@@ -11,6 +11,7 @@ Batch contract: ``input_ids`` (B, L) long, ``fixed`` (B, L) bool (prompt, BOS, E
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any
@@ -220,6 +221,19 @@ class GenerativeModule(L.LightningModule):
     def sampler_settings(self) -> dict[str, Any]:
         """Sampler settings recorded in predictions' provenance."""
         return {}
+
+    def active_sampler_cfg(self) -> Any:
+        """``self.sampler_cfg``, with ``steps = val_steps`` while ``fit`` runs its validations.
+
+        A config can so test and predict with the paper's number of steps and still validate cheaply during
+        training. ``validate``, ``test`` and ``predict`` always use ``steps``.
+        """
+        cfg = self.sampler_cfg
+        val_steps = getattr(cfg, "val_steps", None)
+        trainer = self._trainer
+        if val_steps is not None and trainer is not None and getattr(trainer.state.fn, "value", None) == "fit":
+            return dataclasses.replace(cfg, steps=val_steps)
+        return cfg
 
     def sequence_nll(self, batch: dict[str, Tensor]) -> Tensor | None:
         """Negative log-likelihood (or an upper bound on it: a NELBO) of each row's generated part, in nats.

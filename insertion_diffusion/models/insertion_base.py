@@ -51,7 +51,7 @@ class InsertionModel(GenerativeModule):
         tok = self.tokenizer
         x0, fixed0, len0 = compact_fixed(batch["input_ids"], batch["fixed"], batch["attention_mask"], tok.pad_id)
         return tau_leaping(
-            self.rates, x0, fixed0, len0, self.sampler_cfg, max_length=self.max_length,
+            self.rates, x0, fixed0, len0, self.active_sampler_cfg(), max_length=self.max_length,
             mask_id=tok.mask_id, pad_id=tok.pad_id, eos_id=tok.eos_id,
             banned_ids=(tok.pad_id, tok.mask_id, tok.bos_id, tok.eos_id), generator=generator,
         )

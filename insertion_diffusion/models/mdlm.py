@@ -184,7 +184,7 @@ class MDLM(GenerativeModule):
         x, masked, fixed = self.start_canvas(batch, generator)
         valid = x != self.tokenizer.pad_id
         x, self.last_sample_stats = ancestral_sample(
-            lambda z, t: self(z, t, valid), x, masked, self.schedule, self.sampler_cfg, generator=generator,
+            lambda z, t: self(z, t, valid), x, masked, self.schedule, self.active_sampler_cfg(), generator=generator,
             time_dependent=self.backbone_cfg.time_conditioning,
         )
         return x, fixed

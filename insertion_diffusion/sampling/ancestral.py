@@ -21,6 +21,7 @@ from torch import Tensor
 
 from insertion_diffusion.sampling.filters import (
     CONFIDENCE_MODES,
+    check_steps,
     check_token_filters,
     confidence_scores,
     sample_tokens,
@@ -39,6 +40,7 @@ class MDLMSamplerConfig:
             "entropy" (reveal the same number per row, most confident first).
         cache: skip the network when the previous step revealed nothing (exact only for a time-independent
             network; the model turns it off otherwise).
+        val_steps: steps of the validations that run inside ``fit`` (None: ``steps``).
     """
 
     steps: int = 100
@@ -47,10 +49,10 @@ class MDLMSamplerConfig:
     temperature: float = 1.0
     confidence: str = "none"
     cache: bool = True
+    val_steps: int | None = None
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"sampler.steps must be >= 1, got {self.steps}")
+        check_steps(self.steps, self.val_steps)
         if self.confidence not in CONFIDENCE_MODES:
             raise ValueError(f"sampler.confidence={self.confidence!r}; allowed values: {', '.join(CONFIDENCE_MODES)}")
         check_token_filters(self.top_k, self.top_p, self.temperature)

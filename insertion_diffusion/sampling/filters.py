@@ -8,6 +8,14 @@ from torch import Tensor
 CONFIDENCE_MODES = ("none", "top_prob", "prob_diff", "entropy")
 
 
+def check_steps(steps: int, val_steps: int | None = None) -> None:
+    """Validate a step-based sampler's step counts; errors name the ``sampler.*`` key."""
+    if steps < 1:
+        raise ValueError(f"sampler.steps must be >= 1, got {steps}")
+    if val_steps is not None and val_steps < 1:
+        raise ValueError(f"sampler.val_steps must be >= 1 or null, got {val_steps}")
+
+
 def check_token_filters(top_k: int | None, top_p: float | None, temperature: float) -> None:
     """Validate the token-choice settings every sampler config shares; errors name the ``sampler.*`` key."""
     if top_p is not None and not 0.0 < top_p <= 1.0:

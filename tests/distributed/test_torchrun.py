@@ -37,7 +37,7 @@ def test_two_node_torchrun_fit_then_test_on_cpu(tmp_path):
         "--data.eval_batch_size", "4", "--data.data_dir", str(tmp_path / "data"),
         "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-        "--model.sampler.steps", "4", "--model.backbone.num_layers", "1", "--model.backbone.d_model", "32",
+        "--model.sampler.steps", "4", "--model.sampler.val_steps", "4", "--model.backbone.num_layers", "1", "--model.backbone.d_model", "32",
         "--model.backbone.d_cond", "32",
     ]
     nodes = [

@@ -300,3 +300,37 @@ def test_predict_records_keep_the_reference_row_by_row():
     mixed = model.predict_step({**rows, "has_reference": flags}, 0)
     assert ["reference" in r for r in mixed] == flags.tolist()
     assert [r["generated"] for r in mixed] == [r["generated"] for r in plain]  # the flag changes the record only
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers.*")
+def test_val_steps_apply_to_the_validations_inside_fit_only(tmp_path):
+    """``sampler.val_steps`` sets the network calls of every sampling inside ``fit`` (sanity check and periodic
+    validation); ``validate`` and ``test`` run ``sampler.steps``."""
+    dm = StarGraphDataModule(preset="easy", data_dir=str(tmp_path / "data"), num_train=8, num_val=4, num_test=4,
+                             batch_size=4)
+    torch.manual_seed(0)
+    cfg = TransformerConfig(num_layers=1, d_model=32, num_heads=2, d_cond=16, dropout=0.0)
+    model = FlexMDM(dm.tokenizer, dm.max_length, backbone=cfg, sampler=SamplerConfig(steps=6, val_steps=3, trim=False))
+    calls: list[int] = []
+    rates, sample_full = model.rates, model.sample_full
+
+    def counting_rates(*args, **kwargs):
+        calls[-1] += 1
+        return rates(*args, **kwargs)
+
+    def counting_sample_full(*args, **kwargs):
+        calls.append(0)
+        return sample_full(*args, **kwargs)
+
+    model.rates, model.sample_full = counting_rates, counting_sample_full
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, max_steps=2, val_check_interval=2,
+                        limit_val_batches=1, num_sanity_val_steps=1)
+    trainer.fit(model, datamodule=dm)
+    assert calls == [3, 3]  # the sanity check and the validation at step 2
+    calls.clear()
+    trainer.validate(model, datamodule=dm, verbose=False)
+    trainer.test(model, datamodule=dm, verbose=False)
+    assert calls == [6, 6]
+    with pytest.raises(ValueError, match="sampler.val_steps must be >= 1"):
+        SamplerConfig(val_steps=0)
