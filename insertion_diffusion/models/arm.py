@@ -17,6 +17,7 @@ from torch import Tensor
 
 from insertion_diffusion.models.base import INFERENCE_SETTINGS, GenerativeModule
 from insertion_diffusion.nn.transformer import AdaLNHead, Transformer, TransformerConfig
+from insertion_diffusion.process.rng import NoiseSource
 from insertion_diffusion.sampling.autoregressive import (
     ARSamplerConfig,
     CachedDecoder,
@@ -124,7 +125,7 @@ class ARM(GenerativeModule):
 
     @torch.no_grad()
     def sample(
-        self, batch: dict[str, Tensor], generator: torch.Generator | None = None, use_cache: bool | None = None
+        self, batch: dict[str, Tensor], generator: NoiseSource = None, use_cache: bool | None = None
     ) -> tuple[Tensor, Tensor]:
         ids, fixed, attn = batch["input_ids"], batch["fixed"], batch["attention_mask"]
         tok = self.tokenizer

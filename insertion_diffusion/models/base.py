@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from insertion_diffusion.process.rng import RowRNG, mix_ints
+from insertion_diffusion.process.rng import NoiseSource, RowRNG, mix_ints
 from insertion_diffusion.tokenizers import Tokenizer, as_tokenizer
 
 LR_SCHEDULES = ("constant", "cosine", "wsd", "wsd:<fraction>")
@@ -209,7 +209,7 @@ class GenerativeModule(L.LightningModule):
         """Return the scalar loss and a dict of scalars to log."""
         raise NotImplementedError
 
-    def sample(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def sample(self, batch: dict[str, Tensor], generator: NoiseSource = None) -> tuple[Tensor, Tensor]:
         """Generate for the prompts of ``batch``.
 
         Returns:
@@ -351,16 +351,19 @@ class GenerativeModule(L.LightningModule):
         if self.compile_net and isinstance(net, nn.Module) and getattr(net, "_compiled_call_impl", None) is None:
             net.compile()
 
-    def _generator(self, batch_idx: int, batch: dict[str, Tensor] | None = None) -> torch.Generator:
-        """The sampling generator of an evaluation/prediction batch: seeded by ``eval_seed`` and the batch's first
-        row ``index`` (so a batch of given rows samples the same on any number of processes), else by the
-        batch position and rank."""
-        g = torch.Generator(device=self.device)
+    def _generator(self, batch_idx: int, batch: dict[str, Tensor] | None = None) -> NoiseSource:
+        """The sampling noise of an evaluation/prediction batch.
+
+        With the rows' ``index`` (every shipped DataModule sets it): a :class:`RowRNG` keyed by ``eval_seed`` and
+        each row's index, so a row generates the same sequence in any batch, at any ``eval_batch_size`` and on
+        any number of processes (up to floating-point differences between batch shapes). Without it: a
+        ``torch.Generator`` seeded by ``eval_seed``, the batch position and the rank.
+        """
         index = batch.get("index") if batch is not None else None
         if index is not None and index.numel():
-            g.manual_seed(mix_ints(self.eval_seed, 1, int(index[0])) & ((1 << 63) - 1))
-        else:
-            g.manual_seed(self.eval_seed * 1_000_003 + batch_idx * 7919 + self.global_rank)
+            return RowRNG(mix_ints(self.eval_seed, 1), index.reshape(-1))
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.eval_seed * 1_000_003 + batch_idx * 7919 + self.global_rank)
         return g
 
     def generate(self, batch: dict[str, Tensor], batch_idx: int = 0) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from insertion_diffusion.metrics.order import OrderCorrelation
 from insertion_diffusion.models.base import GenerativeModule, compact_fixed
+from insertion_diffusion.process.rng import NoiseSource
 from insertion_diffusion.sampling.tau_leaping import SampleOutput, SamplerConfig, tau_leaping
 
 
@@ -45,7 +46,7 @@ class InsertionModel(GenerativeModule):
         if not hasattr(self, "order_metrics"):
             self.order_metrics = torch.nn.ModuleDict({"insert": OrderCorrelation(), "unmask": OrderCorrelation()})
 
-    def sample_full(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> SampleOutput:
+    def sample_full(self, batch: dict[str, Tensor], generator: NoiseSource = None) -> SampleOutput:
         """Run the sampler from the fixed tokens of ``batch``; returns the whole :class:`SampleOutput`."""
         self.check_sampler()
         tok = self.tokenizer
@@ -56,7 +57,7 @@ class InsertionModel(GenerativeModule):
             banned_ids=(tok.pad_id, tok.mask_id, tok.bos_id, tok.eos_id), generator=generator,
         )
 
-    def sample(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def sample(self, batch: dict[str, Tensor], generator: NoiseSource = None) -> tuple[Tensor, Tensor]:
         out = self.sample_full(batch, generator)
         metrics = getattr(self, "order_metrics", None)
         if metrics is not None and not self.training:

@@ -26,7 +26,7 @@ from torch import Tensor
 from insertion_diffusion.models.base import INFERENCE_SETTINGS, GenerativeModule, eval_noise
 from insertion_diffusion.nn.transformer import AdaLNHead, Transformer, TransformerConfig
 from insertion_diffusion.process.insertion import stratified_times
-from insertion_diffusion.process.rng import NoiseSource, uniform
+from insertion_diffusion.process.rng import NoiseSource, categorical, uniform
 from insertion_diffusion.sampling.ancestral import MDLMSamplerConfig, SampleStats, ancestral_sample
 from insertion_diffusion.schedules import make_schedule
 from insertion_diffusion.tokenizers import Tokenizer
@@ -154,7 +154,7 @@ class MDLM(GenerativeModule):
         return rows * (1.0 - 2.0 * self.time_eps) - self.length_log_probs()[lengths]
 
     # --- sampling -------------------------------------------------------------------------------------
-    def start_canvas(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def start_canvas(self, batch: dict[str, Tensor], generator: NoiseSource = None) -> tuple[Tensor, Tensor, Tensor]:
         """Rows ``[prompt][BOS] n*[MASK] [EOS] [PAD...]`` with ``n`` drawn from the length distribution.
 
         Returns ``(x, masked, fixed)``, each (B, max_length).
@@ -165,7 +165,7 @@ class MDLM(GenerativeModule):
         is_prompt = fixed & attn & (ids != tok.eos_id)
         plen = is_prompt.long().cumprod(1).sum(1)
         probs = self.length_log_probs().exp()
-        n = torch.multinomial(probs.expand(B, -1), 1, generator=generator).squeeze(1)
+        n = categorical(probs.expand(B, -1), generator, "length")
         n = torch.minimum(n, W - 1 - plen)  # room for EOS
         cols = torch.arange(W, device=ids.device)[None]
         prompt_part = torch.zeros(B, W, dtype=torch.long, device=ids.device)
@@ -180,7 +180,7 @@ class MDLM(GenerativeModule):
         return x, masked, in_prompt | eos
 
     @torch.no_grad()
-    def sample(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def sample(self, batch: dict[str, Tensor], generator: NoiseSource = None) -> tuple[Tensor, Tensor]:
         x, masked, fixed = self.start_canvas(batch, generator)
         valid = x != self.tokenizer.pad_id
         x, self.last_sample_stats = ancestral_sample(

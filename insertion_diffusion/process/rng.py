@@ -26,8 +26,10 @@ API (``B`` = number of rows of the ``RowRNG``):
   process holds them. Used for training times (stratified over the global batch).
 * ``rng.repeat(n)``: a ``RowRNG`` over ``n * B`` rows (the rows ``n`` times, as ``Tensor.repeat``), each copy with
   its own noise (e.g. LoFlexMDM's two partial states per row).
-* Module-level :func:`uniform` / :func:`exponential` take the ``generator`` argument of either kind, so a model
-  writes ``u = uniform((B, L), generator, device, "mask")`` once and works with both.
+* Module-level :func:`uniform` / :func:`exponential` / :func:`categorical` / :func:`poisson` take the
+  ``generator`` argument of either kind, so a model writes ``u = uniform((B, L), generator, device, "mask")``
+  once and works with both. The samplers use them too: evaluation hands them a ``RowRNG`` keyed by each row's
+  ``index``, so a row generates the same sequence whatever batch or process it lands in.
 
 Draws with the same ``stream`` name are identical: give every distinct draw its own stream name. A model opts in
 by setting ``row_noise = True`` and passing its ``generator`` argument through (see
@@ -44,7 +46,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["NoiseSource", "RowRNG", "exponential", "mix64", "mix_ints", "stream_id", "uniform"]
+__all__ = ["NoiseSource", "RowRNG", "categorical", "exponential", "mix64", "mix_ints", "poisson", "stream_id", "uniform"]
 
 _U64 = 1 << 64
 
@@ -189,3 +191,47 @@ def exponential(
         _check_rows(shape, generator, "exponential")
         return generator.exponential(stream, *shape[1:])
     return torch.empty(tuple(shape), device=device, dtype=torch.float32).exponential_(generator=generator)
+
+
+def categorical(probs: Tensor, generator: NoiseSource = None, stream: str = "categorical") -> Tensor:
+    """One index per row of ``probs`` (..., K) (non-negative, not necessarily normalised) -> (...) long.
+
+    A ``torch.Generator``/``None`` uses ``torch.multinomial``; a :class:`RowRNG` inverts the cumulative
+    distribution at one uniform per draw (``probs.shape[0]`` must be its number of rows).
+    """
+    if not isinstance(generator, RowRNG):
+        flat = probs.reshape(-1, probs.shape[-1])
+        return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    u = uniform(probs.shape[:-1], generator, stream=stream)
+    cdf = probs.double().cumsum(-1)
+    idx = (cdf < (u.double() * cdf[..., -1])[..., None]).sum(-1)
+    # An index past the last non-zero entry is impossible in exact arithmetic; clamp away rounding.
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).long().argmax(-1)
+    return torch.minimum(idx, last)
+
+
+def poisson(rate: Tensor, generator: NoiseSource = None, stream: str = "poisson", cap: int | None = None) -> Tensor:
+    """Poisson(``rate``) counts (long) of ``rate``'s shape, ``rate >= 0``; with ``cap``, counts above it are ``cap``.
+
+    A ``torch.Generator``/``None`` uses ``torch.poisson``. A :class:`RowRNG` inverts the Poisson CDF at one
+    uniform per entry, vectorised over the counts ``0..K-1`` with ``K = max rate + 8 sqrt(max rate) + 12`` (read
+    from the device: one host synchronisation), beyond which the probability is below 1e-12; such a draw returns
+    ``K``. The log-probabilities are summed in float64, so large rates lose nothing to underflow.
+    """
+    if not isinstance(generator, RowRNG):
+        counts = torch.poisson(rate, generator=generator).long()
+        return counts if cap is None else counts.clamp_max(cap)
+    u = uniform(rate.shape, generator, stream=stream).double().reshape(-1)
+    flat = rate.double().reshape(-1)
+    live = torch.nonzero(flat > 0).squeeze(1)  # only positive rates need the CDF (e.g. the open gaps)
+    counts = torch.zeros(flat.shape, dtype=torch.long, device=rate.device)
+    if live.numel():
+        lam = flat[live, None]
+        lam_max = float(lam.max())
+        K = int(lam_max + 8.0 * lam_max**0.5 + 12.0)
+        if cap is not None:
+            K = max(1, min(K, cap))
+        k = torch.arange(K, device=rate.device, dtype=torch.float64)
+        cdf = (torch.xlogy(k, lam) - lam - torch.lgamma(k + 1.0)).exp().cumsum(-1)  # P(N <= k), k < K
+        counts[live] = (cdf < u[live, None]).sum(-1)
+    return counts.view(rate.shape)

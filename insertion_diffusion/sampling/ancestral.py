@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from insertion_diffusion.process.rng import NoiseSource, uniform
 from insertion_diffusion.sampling.filters import (
     CONFIDENCE_MODES,
     check_steps,
@@ -74,7 +75,7 @@ def ancestral_sample(
     schedule: Schedule,
     cfg: MDLMSamplerConfig,
     banned_ids: Sequence[int] = (),
-    generator: torch.Generator | None = None,
+    generator: NoiseSource = None,
     time_dependent: bool = False,
 ) -> tuple[Tensor, SampleStats]:
     """Fill the masked positions of ``x``.
@@ -85,7 +86,7 @@ def ancestral_sample(
         masked: (B, W) bool, the positions to generate.
         schedule: the unmasking schedule (CDF ``F``).
         cfg: sampler settings; banned_ids: ids never sampled (specials).
-        generator: randomness of reveals and tokens.
+        generator: randomness of reveals and tokens (a ``torch.Generator``, None, or a per-row ``RowRNG``).
         time_dependent: whether ``model_fn`` uses ``t`` (disables the skip-if-unchanged cache).
 
     Returns:
@@ -112,7 +113,7 @@ def ancestral_sample(
         else:
             Ft, Fs = schedule.cdf(t), schedule.cdf(s)
             p = ((Fs - Ft) / (1.0 - Ft).clamp_min(1e-12)).clamp(0.0, 1.0)
-            u = torch.rand(x.shape, device=device, generator=generator)
+            u = uniform(x.shape, generator, device, f"reveal/{i}")
             reveal = masked & (u < p)
             if cfg.confidence != "none":
                 # Keep each row's number of reveals, give them to its most confident masked positions.
@@ -120,7 +121,7 @@ def ancestral_sample(
                 score = confidence_scores(logits, cfg.confidence).masked_fill(~masked, float("-inf"))
                 rank = score.argsort(1, descending=True).argsort(1)
                 reveal = masked & (rank < k)
-            tokens = sample_tokens(logits, cfg.top_k, cfg.top_p, cfg.temperature, generator)
+            tokens = sample_tokens(logits, cfg.top_k, cfg.top_p, cfg.temperature, generator, f"tokens/{i}")
         x = torch.where(reveal, tokens, x)
         masked = masked & ~reveal
         if use_cache:

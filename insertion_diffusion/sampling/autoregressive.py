@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from insertion_diffusion.process.rng import NoiseSource
 from insertion_diffusion.sampling.filters import check_token_filters, sample_tokens
 
 
@@ -100,7 +101,7 @@ def autoregressive_decode(
     eos_id: int,
     pad_id: int,
     banned_ids: Sequence[int] = (),
-    generator: torch.Generator | None = None,
+    generator: NoiseSource = None,
 ) -> tuple[Tensor, Tensor]:
     """Decode every row after its prompt until EOS or ``width``.
 
@@ -110,7 +111,7 @@ def autoregressive_decode(
         prompt_len: (B,) long, >= 1 (a start token at least).
         width: total positions (prompt included).
         cfg: sampling settings; eos_id / pad_id: the special ids; banned_ids: ids never sampled.
-        generator: for the sampled tokens.
+        generator: for the sampled tokens (a ``torch.Generator``, None, or a per-row ``RowRNG``).
 
     Returns:
         ``(x, lengths)``: (B, width) tokens (prompt, generated tokens, EOS, then PAD) and the (B,) lengths
@@ -132,7 +133,7 @@ def autoregressive_decode(
         if banned:
             logits = logits.clone()
             logits[:, banned] = float("-inf")
-        tok = sample_tokens(logits, cfg.top_k, cfg.top_p, cfg.temperature, generator)
+        tok = sample_tokens(logits, cfg.top_k, cfg.top_p, cfg.temperature, generator, f"tokens/{p}")
         forced = p < prompt_len
         tok = torch.where(forced, x[:, p], tok)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)

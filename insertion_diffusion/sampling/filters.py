@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from insertion_diffusion.process.rng import NoiseSource, categorical
+
 CONFIDENCE_MODES = ("none", "top_prob", "prob_diff", "entropy")
 
 
@@ -49,14 +51,18 @@ def sample_tokens(
     top_k: int | None = None,
     top_p: float | None = None,
     temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: NoiseSource = None,
+    stream: str = "tokens",
 ) -> Tensor:
-    """Draw one token per position from filtered logits (..., V) -> (...). ``top_k=1`` is greedy."""
+    """Draw one token per position from filtered logits (..., V) -> (...). ``top_k=1`` is greedy.
+
+    ``generator``: a ``torch.Generator``/``None``, or a :class:`~insertion_diffusion.process.rng.RowRNG` over the
+    rows (``logits.shape[0]``), whose ``stream`` names the draw (give every step its own).
+    """
     if top_k == 1 or temperature == 0.0:
         return logits.argmax(-1)
     logits = filter_logits(logits.float(), top_k, top_p, temperature)
-    probs = logits.softmax(-1).flatten(0, -2)
-    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+    return categorical(logits.softmax(-1), generator, stream)
 
 
 def confidence_scores(logits: Tensor, mode: str) -> Tensor:

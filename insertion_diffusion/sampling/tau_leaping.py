@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from insertion_diffusion.process.rng import NoiseSource, poisson, uniform
 from insertion_diffusion.sampling.filters import (
     CONFIDENCE_MODES,
     check_steps,
@@ -140,7 +141,7 @@ def tau_leaping(
     pad_id: int,
     eos_id: int,
     banned_ids: tuple[int, ...] = (),
-    generator: torch.Generator | None = None,
+    generator: NoiseSource = None,
 ) -> SampleOutput:
     """Generate by tau-leaping from an initial state.
 
@@ -153,7 +154,8 @@ def tau_leaping(
         max_length: hard cap on every row's length (the state is padded to this width).
         mask_id, pad_id, eos_id: special ids.
         banned_ids: token ids never produced at unmasking (PAD, MASK, BOS, EOS).
-        generator: RNG for reproducible sampling.
+        generator: RNG for reproducible sampling: a ``torch.Generator`` (or None), or a ``RowRNG`` over the rows,
+            with which every row's sample depends on its own row id only (not on the batch it is in).
     """
     B, W0 = x.shape
     if W0 > max_length:
@@ -198,20 +200,21 @@ def tau_leaping(
 
         # Unmasking.
         p_fire = -torch.expm1(-unmask_rate.float().clamp_min(0.0) * scale)
-        fire = is_mask & (torch.rand(x.shape, device=device, generator=generator) < p_fire)
+        fire = is_mask & (uniform(x.shape, generator, device, f"unmask/{step}") < p_fire)
         if cfg.confidence != "none":
             k = fire.sum(1, keepdim=True)
             score = confidence_scores(logits, cfg.confidence).masked_fill(~is_mask, float("-inf"))
             rank = score.argsort(1, descending=True).argsort(1)
             fire = is_mask & (rank < k)
-        tokens = sample_tokens(logits, cfg.top_k, cfg.top_p, cfg.temperature, generator)
+        tokens = sample_tokens(logits, cfg.top_k, cfg.top_p, cfg.temperature, generator, f"tokens/{step}")
         x = torch.where(fire, tokens, x)
         unmask_step = torch.where(fire, torch.full_like(x, step), unmask_step)
 
         # Insertion (never in the gaps left of prompt/BOS tokens; EOS's gap is open).
         allowed = valid & (~fixed | (x == eos_id))
         rate = torch.where(allowed, insert_rate.float().clamp_min(0.0) * scale, torch.zeros_like(x, dtype=torch.float32))
-        counts = torch.poisson(rate, generator=generator).long()
+        # Capped above max_length: any larger count overflows the row just the same.
+        counts = poisson(rate, generator, f"insert/{step}", cap=max_length + 1)
         overflow = lengths + counts.sum(1) > max_length
         counts = counts.masked_fill(overflow[:, None], 0)
         x, lengths, fixed, unmask_step, insert_step = insert_masks(

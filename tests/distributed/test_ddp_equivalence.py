@@ -3,8 +3,9 @@
 For every generative method in :mod:`insertion_diffusion.models`, one training step (learning rate 0, so the
 weights stay put) must produce the same gradients (allclose 1e-6, after DDP's all-reduce) and the following
 validation the same metrics: losses and NLL with per-row evaluation noise, and the task metrics of samples
-generated one row per batch (the sampling generator is seeded by the batch's rows). The validation split has an
-odd number of rows, so the 2-process run's sampler pads one row, which evaluation must not count.
+generated in batches of several rows, which differ between the two layouts (sampling noise is keyed by each row's
+``index``, not by its batch). The validation split has an odd number of rows, so the 2-process run's sampler pads
+one row, which evaluation must not count.
 
 ``ddp_fork`` forks the test process (no re-import, unlike ``ddp`` which relaunches the command and ``ddp_spawn``
 which re-imports everything): a run takes a few seconds.
@@ -28,6 +29,7 @@ from insertion_diffusion.nn.transformer import TransformerConfig
 
 GLOBAL_BATCH = 8
 NUM_VAL = 7  # odd: the 2-process evaluation sampler pads one row
+EVAL_BATCH = 3  # one process: rows {0,1,2} {3,4,5} {6}; two: {0,2,4} {6} and {1,3,5} {pad}
 
 
 def method_classes() -> list[type[GenerativeModule]]:
@@ -76,7 +78,7 @@ def run(cls: type, world: int, tmp: Path, data_dir: Path) -> tuple[dict, dict]:
     out.mkdir()
     dm = StarGraphDataModule(
         preset="easy", data_dir=str(data_dir), num_train=32, num_val=NUM_VAL, num_test=4,
-        batch_size=GLOBAL_BATCH // world, eval_batch_size=1,
+        batch_size=GLOBAL_BATCH // world, eval_batch_size=EVAL_BATCH,
     )
     L.seed_everything(0, verbose=False)
     backbone = TransformerConfig(num_layers=1, d_model=32, num_heads=2, d_cond=32, dropout=0.0, absolute_positions=True)
