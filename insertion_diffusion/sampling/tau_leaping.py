@@ -12,8 +12,10 @@ masks are then filled. Each step, over ``dt``:
    ``max_length`` inserts nothing this step);
 4. on the last step every remaining mask takes its argmax token.
 
-The only Python loop is over steps; the one host synchronisation inside it reads the batch's longest length
-so that the network runs on no more columns than needed (``trim``; off: no synchronisation at all).
+The only Python loop is over steps. Host synchronisations inside it: one reads the batch's longest length so
+that the network runs on no more columns than needed (``trim``); with per-row noise (a ``RowRNG``, as in
+evaluation) the insertion draw reads the step's largest rate (:func:`~insertion_diffusion.process.rng.poisson`).
+With ``trim`` off and a ``torch.Generator`` there is none.
 """
 
 from __future__ import annotations
