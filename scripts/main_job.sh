@@ -4,7 +4,7 @@
 #   scripts/main_job.sh [CONFIG] [extra fit options ...]
 #
 # CONFIG defaults to configs/star/cpu/easy_loflexmdm_early.yaml, the 2-core CPU recipe (two DDP processes, about
-# 22 minutes; configs/star/easy_loflexmdm.yaml is the larger, GPU-sized run). Extra options (e.g. --trainer.max_steps 100) go to fit;
+# 25 minutes of fit and test, testing with 500 sampler steps; configs/star/easy_loflexmdm.yaml is the larger, GPU-sized run). Extra options (e.g. --trainer.max_steps 100) go to fit;
 # test reads them back from the config.yaml that fit saved. Each run gets its own log directory <save_dir>/<name>/main-<timestamp>/, so the test always loads
 # the last.ckpt of the fit that just finished (`--ckpt_path last` would not find it from a new process).
 set -euo pipefail
