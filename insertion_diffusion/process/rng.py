@@ -214,9 +214,9 @@ def poisson(rate: Tensor, generator: NoiseSource = None, stream: str = "poisson"
     """Poisson(``rate``) counts (long) of ``rate``'s shape, ``rate >= 0``; with ``cap``, counts above it are ``cap``.
 
     A ``torch.Generator``/``None`` uses ``torch.poisson``. A :class:`RowRNG` inverts the Poisson CDF at one
-    uniform per entry, vectorised over the counts ``0..K-1`` with ``K = max rate + 8 sqrt(max rate) + 12`` (read
-    from the device: one host synchronisation), beyond which the probability is below 1e-12; such a draw returns
-    ``K``. The log-probabilities are summed in float64, so large rates lose nothing to underflow.
+    uniform per entry with a positive rate, vectorised over the counts ``0..K-1`` with
+    ``K = max rate + 8 sqrt(max rate) + 12``, beyond which the probability is below 1e-12; such a draw returns
+    ``K``. Finding those entries and their largest rate costs two host synchronisations. The log-probabilities are summed in float64, so large rates lose nothing to underflow.
     """
     if not isinstance(generator, RowRNG):
         counts = torch.poisson(rate, generator=generator).long()

@@ -14,7 +14,8 @@ masks are then filled. Each step, over ``dt``:
 
 The only Python loop is over steps. Host synchronisations inside it: one reads the batch's longest length so
 that the network runs on no more columns than needed (``trim``); with per-row noise (a ``RowRNG``, as in
-evaluation) the insertion draw reads the step's largest rate (:func:`~insertion_diffusion.process.rng.poisson`).
+evaluation) the insertion draw reads which gaps are open and their largest rate
+(:func:`~insertion_diffusion.process.rng.poisson`, two more).
 With ``trim`` off and a ``torch.Generator`` there is none.
 """
 
