@@ -103,13 +103,17 @@ def rotary_tables(width: int, rotary_dim: int, device: torch.device, dtype: torc
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the first ``2 * cos.shape[-1]`` dims of ``x`` (B, H, W, Dh) in adjacent halves."""
     r = cos.shape[-1]
-    x1, x2, rest = x[..., :r], x[..., r : 2 * r], x[..., 2 * r :]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+    x1, x2 = x[..., :r], x[..., r : 2 * r]
+    # addcmul fuses each half's multiply-add into one pass (element-wise passes, not matmuls, bound this on CPU).
+    parts = [torch.addcmul(x1 * cos, x2, sin, value=-1.0), torch.addcmul(x2 * cos, x1, sin)]
+    if 2 * r < x.shape[-1]:
+        parts.append(x[..., 2 * r :])
+    return torch.cat(parts, dim=-1)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """AdaLN: ``x * (1 + scale) + shift`` with per-row (B, d) shift and scale."""
-    return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
+    """AdaLN: ``x * (1 + scale) + shift`` with per-row (B, d) shift and scale (one fused pass over ``x``)."""
+    return torch.addcmul(shift[:, None, :], x, 1.0 + scale[:, None, :])
 
 
 class Dropout(nn.Dropout):
@@ -134,7 +138,8 @@ class Dropout(nn.Dropout):
         n = x.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_()
         keep = (bits.view(torch.int16)[:n] & 0x7FFF) >= threshold
-        return x * keep.view(x.shape).to(x.dtype).mul_(32768 / (32768 - threshold))
+        # Multiply by the bool mask directly (no float copy of it), then rescale the product in place.
+        return (x * keep.view(x.shape)).mul_(32768 / (32768 - threshold))
 
 
 class TokenConv(nn.Module):
@@ -209,10 +214,11 @@ class Block(nn.Module):
     def _post_attention(self, x: Tensor, a: Tensor, mod: tuple[Tensor | None, ...]) -> Tensor:
         g1, sh2, sc2, g2 = mod
         a = self.drop(self.proj(a))
-        x = x + (a if g1 is None else g1[:, None, :] * a)
+        # Gated residuals as one addcmul each: x + g * a in a single pass.
+        x = x + a if g1 is None else torch.addcmul(x, g1[:, None, :], a)
         h = self.norm2(x) if g2 is None else modulate(self.norm2(x), sh2, sc2)
         f = self.drop(self.ff(h))
-        return x + (f if g2 is None else g2[:, None, :] * f)
+        return x + f if g2 is None else torch.addcmul(x, g2[:, None, :], f)
 
     def _qkv(self, h: Tensor, rot: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         B, W, d = h.shape

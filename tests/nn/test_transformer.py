@@ -15,6 +15,7 @@ from insertion_diffusion.nn.transformer import (
     Transformer,
     TransformerConfig,
     apply_rotary,
+    modulate,
     rotary_tables,
 )
 
@@ -205,6 +206,34 @@ def test_rotary_preserves_norms_and_encodes_relative_positions():
     cos2, sin2 = rotary_tables(W, 4, torch.device("cpu"), torch.float32)
     part = apply_rotary(q.expand(1, 1, W, hd), cos2, sin2)[0, 0]
     torch.testing.assert_close(part[:, 4:], q[4:].expand(W, 4))
+
+
+@pytest.mark.parametrize("rotary_half", [4, 2])
+def test_fused_rotary_and_modulation_match_their_formulas_and_gradients(rotary_half):
+    # apply_rotary and modulate fuse their multiply-adds (torch.addcmul); both must stay the textbook formulas,
+    # in value and in gradient, for a whole-head and a partial rotary dim.
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 5, 8, generator=g, requires_grad=True)
+    cos, sin = rotary_tables(5, 2 * rotary_half, torch.device("cpu"), torch.float32)
+    r = rotary_half
+    x1, x2, rest = x[..., :r], x[..., r : 2 * r], x[..., 2 * r :]
+    want = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+    got = apply_rotary(x, cos, sin)
+    torch.testing.assert_close(got, want)
+    w = torch.randn(want.shape, generator=g)
+    (gx_want,) = torch.autograd.grad((want * w).sum(), x)
+    (gx_got,) = torch.autograd.grad((got * w).sum(), x)
+    torch.testing.assert_close(gx_got, gx_want)
+
+    h = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    shift, scale = (torch.randn(2, 8, generator=g, requires_grad=True) for _ in range(2))
+    want = h * (1 + scale[:, None, :]) + shift[:, None, :]
+    got = modulate(h, shift, scale)
+    torch.testing.assert_close(got, want)
+    w = torch.randn(want.shape, generator=g)
+    for a, b in zip(torch.autograd.grad((got * w).sum(), (h, shift, scale)),
+                    torch.autograd.grad((want * w).sum(), (h, shift, scale)), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_rotary_dim_option():
