@@ -40,6 +40,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--sampler-steps", type=int, default=20)
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the training step with the backbone compiled (torch.compile, fixed shapes), "
+                         "beside the eager step in the same process; compiling takes a minute or two on 2 cores")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -65,6 +68,12 @@ def main() -> None:
     model.train()
     train_flops = count_flops(train_step)
     train_s = median_seconds(train_step, args.repeats)
+    compiled = None
+    if args.compile:
+        model.net.compile(dynamic=False)  # what --model.compile true does, with the shapes held fixed
+        compiled_s = median_seconds(train_step, args.repeats, warmup=3)  # the first call compiles
+        model.net._compiled_call_impl = None  # back to eager for the sampler rows
+        compiled = (compiled_s, train_flops)
 
     model.eval()
     gen = torch.Generator().manual_seed(0)
@@ -85,8 +94,11 @@ def main() -> None:
     print(f"FlexMDM speed, star-easy, {n_params / 1e6:.2f}M params, batch {args.batch_size}, "
           f"{dm.max_length} tokens, fp32, {torch.get_num_threads()} threads")
     print(f"dense fp32 matmul peak measured now: {peak / 1e9:.1f} GFLOP/s")
+    rows = [("train step", train_s, train_flops, REFERENCE_TRAIN_STEP_S)]
+    if compiled is not None:
+        rows.append(("train step, compiled", *compiled, REFERENCE_TRAIN_STEP_S))
     for name, sec, flops, ref in (
-        ("train step", train_s, train_flops, REFERENCE_TRAIN_STEP_S),
+        *rows,
         ("sampler step", *sampler[True], REFERENCE_SAMPLER_STEP_S),
         ("sampler, full width", *sampler[False], REFERENCE_SAMPLER_STEP_S),
     ):
@@ -95,6 +107,8 @@ def main() -> None:
               f"MFU {100 * achieved / peak:5.1f} % | x{ref / sec:.2f} vs reference {ref:.2f} s")
 
 
+    if compiled is not None:
+        print(f"train step: compiled is x{train_s / compiled[0]:.2f} the eager step's speed")
     print(f"sampler: trimmed width is x{sampler[False][0] / sampler[True][0]:.2f} faster than full width")
     print(f"sampler with per-row noise (RowRNG, as in evaluation): {row_sec * 1e3:.1f} ms per step, "
           f"x{row_sec / sampler[True][0]:.3f} the time with a torch.Generator")
