@@ -9,7 +9,7 @@ Configuration (evaluation.md section 7): 4 layers x 256, 4 heads, FFN 1024, d_co
 * the speed-up over the authors' reference code measured on a like 2-core machine
   (0.48 s per training step, 0.17 s per sampler step for 64 sequences; evaluation.md section 7).
 
-Run: ``python benchmarks/speed_flexmdm.py [--threads 2] [--repeats 20]``
+Run: ``python benchmarks/speed_flexmdm.py [--threads 2] [--repeats 20] [--compile]``
 """
 
 from __future__ import annotations
