@@ -96,6 +96,23 @@ class CurveWriter(Callback):
 GENERATOR_PARTS = ("net", "token_head", "gap_head")
 
 
+class SaveLastOnTrainEnd(Callback):
+    """Write ``path`` when training ends, before the callbacks listed after this one run their ``on_train_end``.
+
+    Put it before ``EMAWeightAveraging``: that callback copies the averaged weights into the model at the end of
+    training, so a checkpoint written after ``fit`` returns holds the average in both places and a resumed run
+    would continue from the average. Written here, the checkpoint keeps the raw weights under
+    ``current_model_state`` (what a resume continues from) and the average under ``state_dict`` (what is
+    evaluated), as the periodic checkpoints do.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.save_checkpoint(self.path)
+
+
 def init_generator(model: torch.nn.Module, checkpoint: str) -> int:
     """Copy a FlexMDM checkpoint's generator (transformer, token head, gap head) into ``model`` (a FlexMDM or a
     LoFlexMDM of the same generator size); everything else, e.g. an order network, keeps its fresh initialisation.

@@ -27,6 +27,9 @@ def eval_parser(description: str, eval_batch_size: int = 256) -> argparse.Argume
     ap.add_argument("--eval-batch-size", type=int, default=eval_batch_size)
     ap.add_argument("--base", default="top_k=1,confidence=top_prob", help="overrides shared by every setting")
     ap.add_argument("--settings", nargs="+", default=["steps=128"])
+    ap.add_argument("--weights", choices=("saved", "raw"), default="saved",
+                    help="'saved': the checkpoint's state_dict (the weight average, in a run trained with "
+                         "--ema-decay); 'raw': the training weights that an EMA run keeps under current_model_state")
     return ap
 
 
@@ -34,6 +37,12 @@ def load_for_eval(args: argparse.Namespace):
     """``(model in eval mode, prepared test DataModule, base sampler config)`` from parsed ``eval_parser`` args."""
     torch.set_num_threads(args.threads)
     model = MODELS[args.model].load_from_checkpoint(args.ckpt, map_location="cpu").eval()
+    if args.weights == "raw":
+        ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+        if "current_model_state" not in ckpt:
+            raise SystemExit(f"--weights raw: {args.ckpt} has no current_model_state (it was not written by a run "
+                             "with a weight average such as --ema-decay); use --weights saved")
+        model.load_state_dict(ckpt["current_model_state"])
     dm = StarGraphDataModule(preset=args.preset, data_dir=args.data_dir, num_test=args.num_test,
                              eval_batch_size=args.eval_batch_size)
     dm.prepare_data()

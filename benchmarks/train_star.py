@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 sys.path.insert(0, os.path.dirname(__file__))
 from common import (
     CurveWriter,
+    SaveLastOnTrainEnd,
     add_recipe_arguments,
     check_recipe_arguments,
     init_generator,
@@ -149,7 +150,8 @@ def main() -> None:
         n = init_generator(model, args.init_generator)
         print(f"generator initialised from {args.init_generator} ({n} tensors)")
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=args.val_every),
-                 CurveWriter(os.path.join(args.out, "curve.csv"), STAR_CURVE_KEYS)]
+                 CurveWriter(os.path.join(args.out, "curve.csv"), STAR_CURVE_KEYS),
+                 SaveLastOnTrainEnd(last)]  # before the EMA callback: see its docstring
     if args.ema_decay is not None:
         callbacks.append(EMAWeightAveraging(decay=args.ema_decay))
     trainer = L.Trainer(
@@ -163,7 +165,6 @@ def main() -> None:
     t0 = time.time()
     trainer.fit(model, datamodule=dm, ckpt_path=last if os.path.exists(last) else None)
     train_s = time.time() - t0
-    trainer.save_checkpoint(last)
 
     model.sampler_cfg = make_sampler(args.method, args.test_steps, args.confidence, args.integrate_hazard)
     t1 = time.time()

@@ -25,6 +25,7 @@ import json
 from common import (
     GENERATOR_PARTS,
     CurveWriter,
+    SaveLastOnTrainEnd,
     check_recipe_arguments,
     init_generator,
     parse_setting,
@@ -85,6 +86,37 @@ def test_init_generator_of_another_size_names_the_checkpoint(tmp_path):
     torch.save({"state_dict": flex.state_dict()}, path)
     with pytest.raises(SystemExit, match="flex.ckpt: generator sizes differ"):
         init_generator(lo, str(path))
+
+
+class _KeepWeights(L.Callback):
+    """Records the training weights after every optimiser step."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+@pytest.mark.parametrize("save_inside_fit", [True, False])
+def test_the_last_checkpoint_of_an_ema_run_keeps_the_training_weights(tmp_path, save_inside_fit):
+    """Written by SaveLastOnTrainEnd (before the EMA callback), the checkpoint keeps the last training weights
+    under current_model_state and the average under state_dict. Written after fit returns (the old way, kept here
+    as the control), both keys hold the average, so a resumed run would continue from it."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    path = str(tmp_path / "last.ckpt")
+    keep = _KeepWeights()
+    callbacks = [keep] + ([SaveLastOnTrainEnd(path)] if save_inside_fit else []) + [EMAWeightAveraging(decay=0.5)]
+    L.seed_everything(0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=5, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=callbacks)
+    trainer.fit(BoringModel())
+    if not save_inside_fit:
+        trainer.save_checkpoint(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    raw, average = ckpt["current_model_state"], ckpt["state_dict"]
+    raw_is_training = all(torch.equal(raw[k], keep.weights[k]) for k in keep.weights)
+    differs = any(not torch.equal(raw[k], average[k]) for k in average)
+    assert (raw_is_training and differs) == save_inside_fit
 
 
 def test_a_resumed_curve_continues_the_time_axis_and_refuses_other_columns(tmp_path):
