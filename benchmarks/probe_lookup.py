@@ -27,6 +27,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import parse_setting
 
 from insertion_diffusion.data.star import StarGraphDataModule
 from insertion_diffusion.nn.transformer import Transformer, TransformerConfig
@@ -55,12 +56,15 @@ def task_batch(net: Transformer, head: torch.nn.Module, b: dict, dm: StarGraphDa
     return head(net(x, None, None)[0][:, -1]), y, torch.ones_like(y, dtype=torch.bool)
 
 
-def probe(dm: StarGraphDataModule, conv_kernel: int, lr: float, args: argparse.Namespace) -> tuple[int | None, float]:
-    """Train on the lookup; return (first step past the threshold or None, seconds)."""
+def probe(dm: StarGraphDataModule, conv_kernel: int, lr: float, args: argparse.Namespace,
+          variant: dict | None = None) -> tuple[int | None, float]:
+    """Train on the lookup; return (first step past the threshold or None, seconds). ``variant`` overrides
+    backbone settings (``TransformerConfig`` fields) on top of the probe's own."""
     torch.manual_seed(args.seed)
     V = dm.tokenizer.vocab_size
-    cfg = TransformerConfig(num_layers=args.layers, d_model=args.width, num_heads=args.heads, dropout=0.0,
-                            absolute_positions=True, time_conditioning=False, conv_kernel=conv_kernel)
+    base = dict(num_layers=args.layers, d_model=args.width, num_heads=args.heads, dropout=0.0,
+                absolute_positions=True, time_conditioning=False, conv_kernel=conv_kernel)
+    cfg = TransformerConfig(**{**base, **(variant or {})})
     net = Transformer(V, cfg, max_length=dm.max_length)
     head = torch.nn.Linear(args.width, V)
     params = list(net.parameters()) + list(head.parameters())
@@ -84,7 +88,24 @@ def probe(dm: StarGraphDataModule, conv_kernel: int, lr: float, args: argparse.N
         hits.append((logits[scored].argmax(-1) == labels[scored]).float().mean().item())
         if step >= 100 and sum(hits[-100:]) / 100 >= args.threshold:
             return step, time.time() - t0
+    print(f"    accuracy over the last 100 batches at step {args.steps}: {sum(hits[-100:]) / len(hits[-100:]):.3f}",
+          flush=True)
     return None, time.time() - t0
+
+
+def compare_variants(dm: StarGraphDataModule, args: argparse.Namespace) -> None:
+    """Probe each ``--variants`` backbone at each learning rate; print steps and the ratio to the first variant."""
+    variants = [parse_setting(v) for v in args.variants]
+    for lr in args.lrs:
+        steps = []
+        for text, var in zip(args.variants, variants):
+            step, sec = probe(dm, 0, lr, args, var)
+            steps.append(step)
+            print(f"lr {lr:g}  {text}: {f'step {step}' if step else f'not within {args.steps}'}  ({sec:.0f} s)",
+                  flush=True)
+        for text, step in zip(args.variants[1:], steps[1:]):
+            if steps[0] and step:
+                print(f"lr {lr:g}: steps {args.variants[0]} / {text} = x{steps[0] / step:.2f}")
 
 
 def main() -> None:
@@ -100,6 +121,10 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="instead of the --kernels axis: backbone settings to compare, each 'key=value,...' over "
+                         "TransformerConfig fields, e.g. 'conv_kernel=3' 'conv_kernel=3,qk_init=tied'; the first "
+                         "is the baseline of the printed ratios")
     ap.add_argument("--data-dir", default=os.path.join("benchmarks", "out", "data"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -108,6 +133,9 @@ def main() -> None:
     dm.setup("fit")
     print(f"probe ({args.task}): {args.layers} x {args.width}, batch {args.batch_size}, threshold {args.threshold}, "
           f"up to {args.steps} steps", flush=True)
+    if args.variants:
+        compare_variants(dm, args)
+        return
     results = {}
     for lr in args.lrs:
         for k in args.kernels:
