@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 CONFIG_KEYS = "(model.backbone or model.order_backbone)"
-QK_INITS = ("independent", "tied")
 """Where a :class:`TransformerConfig` comes from in a run config; error messages name it."""
 
 
@@ -44,11 +43,6 @@ class TransformerConfig:
             attention head to fetch a neighbour and a second to match on it; the convolution supplies the
             neighbour directly, which shortens the loss plateau before such lookups are learned from
             thousands of steps to hundreds (see docs/star_graphs.md).
-        qk_init: how each block's query and key projections start. "independent" (default): two random
-            matrices, so a head's initial scores carry no preference. "tied": the key projection starts as a copy
-            of the query projection, so every head's score ``q_i . k_j = h_i W W^T h_j`` starts by favouring
-            positions whose content resembles the query position's (equal tokens most); content-matching
-            lookups then start from a head that already matches. The two matrices train separately afterwards.
     """
 
     num_layers: int = 4
@@ -62,7 +56,6 @@ class TransformerConfig:
     time_conditioning: bool = True
     absolute_positions: bool = False
     conv_kernel: int = 0
-    qk_init: str = "independent"
 
     def __post_init__(self) -> None:
         # The same dataclass is built from either backbone section of a config, and jsonargparse reports the
@@ -81,10 +74,6 @@ class TransformerConfig:
         if self.conv_kernel < 0 or self.conv_kernel == 1:
             raise ValueError(
                 f"backbone setting conv_kernel={self.conv_kernel} must be 0 (off) or >= 2 (3 is typical) {CONFIG_KEYS}"
-            )
-        if self.qk_init not in QK_INITS:
-            raise ValueError(
-                f"backbone setting qk_init={self.qk_init!r} is not one of {', '.join(QK_INITS)} {CONFIG_KEYS}"
             )
 
 
@@ -202,9 +191,6 @@ class Block(nn.Module):
         self.num_heads = h
         self.norm1 = nn.LayerNorm(d, elementwise_affine=not cfg.time_conditioning)
         self.qkv = nn.Linear(d, 3 * d, bias=False)
-        if cfg.qk_init == "tied":
-            with torch.no_grad():
-                self.qkv.weight[d : 2 * d].copy_(self.qkv.weight[:d])
         self.proj = nn.Linear(d, d, bias=False)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=not cfg.time_conditioning)
         d_ff = cfg.d_ff or 4 * d

@@ -285,38 +285,11 @@ WHERE = r" \(model\.backbone or model\.order_backbone\)$"
         ({"attention_dropout": 1.0}, r"backbone setting attention_dropout=1\.0 must be in \[0, 1\)"),
         ({"conv_kernel": 1}, r"backbone setting conv_kernel=1 must be 0 \(off\) or >= 2"),
         ({"conv_kernel": -3}, r"backbone setting conv_kernel=-3 must be 0 \(off\) or >= 2"),
-        ({"qk_init": "copy"}, r"backbone setting qk_init='copy' is not one of independent, tied"),
     ],
 )
 def test_config_validation_names_the_setting_and_the_config_section(kwargs, message):
     with pytest.raises(ValueError, match=f"^{message}.*{WHERE}"):
         TransformerConfig(**kwargs)
-
-
-def test_tied_qk_init_starts_every_head_matching_equal_content():
-    """qk_init="tied": each block's key projection starts as its query projection, so a head's score between two
-    positions holding the same vector is |W h|^2 > 0, while unrelated random contents score near 0. The two
-    matrices stay separate parameters and part after one optimiser step."""
-    torch.manual_seed(0)
-    d = 32
-    tied = Block(TransformerConfig(num_layers=1, d_model=d, num_heads=2, qk_init="tied"))
-    free = Block(TransformerConfig(num_layers=1, d_model=d, num_heads=2))
-    assert torch.equal(tied.qkv.weight[:d], tied.qkv.weight[d : 2 * d])
-    assert not torch.equal(free.qkv.weight[:d], free.qkv.weight[d : 2 * d])
-    h = torch.randn(1, 6, d)
-    h[0, 4] = h[0, 1]  # position 4 repeats position 1
-    no_rotation = (torch.ones(6, 0), torch.zeros(6, 0))
-    for block, matches in ((tied, True), (free, False)):
-        q, k, _ = block._qkv(h, no_rotation)
-        scores = q @ k.transpose(-1, -2)  # (1, H, 6, 6)
-        # Row 1 (and row 4): every head scores the repeated content highest, at both of its positions.
-        best = scores[0, :, 1].argmax(-1)
-        assert bool(((best == 1) | (best == 4)).all()) == matches
-    opt = torch.optim.SGD(tied.parameters(), lr=0.1)
-    q, k, _ = tied._qkv(h, no_rotation)
-    (q * torch.randn_like(q)).sum().backward()
-    opt.step()
-    assert not torch.equal(tied.qkv.weight[:d], tied.qkv.weight[d : 2 * d])
 
 
 def test_no_dropout_in_training_mode_is_deterministic():
