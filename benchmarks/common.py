@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,8 +18,10 @@ from pathlib import Path
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.flop_counter import FlopCounterMode
 
+from insertion_diffusion.callbacks.guards import newest_resume_checkpoint
 from insertion_diffusion.data.corpus import atomic_write
 
 
@@ -111,6 +114,21 @@ class SaveLastOnTrainEnd(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.save_checkpoint(self.path)
+
+
+def fit_or_exit(trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule) -> None:
+    """``trainer.fit``, resuming from the newest of the run's ``last.ckpt`` and ``on_exception.ckpt`` (an
+    ``ExceptionCheckpoint`` among the callbacks writes the latter when SIGTERM stops the run, also under DDP).
+    A run stopped by SIGTERM exits with code 143, as the ``insertion-diffusion`` command does."""
+    resume = newest_resume_checkpoint(trainer)
+    if resume is not None and trainer.is_global_zero:
+        print(f"resuming from {resume}", flush=True)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+    except SIGTERMException:
+        if trainer.is_global_zero:
+            print(f"stopped by SIGTERM at step {trainer.global_step}; run the same command to resume", file=sys.stderr)
+        raise SystemExit(143) from None
 
 
 def init_generator(model: torch.nn.Module, checkpoint: str) -> int:

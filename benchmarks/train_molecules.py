@@ -27,13 +27,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 sys.path.insert(0, os.path.dirname(__file__))
 from common import (
     CurveWriter,
+    SaveLastOnTrainEnd,
     add_recipe_arguments,
     check_recipe_arguments,
+    fit_or_exit,
     init_generator,
     with_setting,
     write_json_atomic,
 )
 
+from insertion_diffusion.callbacks.guards import ExceptionCheckpoint
 from insertion_diffusion.data.molecules import MoleculeDataModule
 from insertion_diffusion.models import ARM, MDLM, FlexMDM, LoFlexMDM
 from insertion_diffusion.nn.transformer import TransformerConfig
@@ -137,12 +140,13 @@ def main() -> None:
         num_sanity_val_steps=0, gradient_clip_val=1.0, log_every_n_steps=50, enable_progress_bar=False,
         logger=TensorBoardLogger(args.out, name="tb"),
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=min(val_every, max(1, args.max_steps // 4))),
-                   CurveWriter(os.path.join(args.out, "curve.csv"), MOLECULE_CURVE_KEYS)],
+                   CurveWriter(os.path.join(args.out, "curve.csv"), MOLECULE_CURVE_KEYS),
+                   ExceptionCheckpoint(dirpath=ckpt_dir),  # SIGTERM (also under DDP): on_exception.ckpt, exit 143
+                   SaveLastOnTrainEnd(last)],
     )
     t0 = time.time()
-    trainer.fit(model, datamodule=dm, ckpt_path=last if os.path.exists(last) else None)
+    fit_or_exit(trainer, model, dm)
     train_s = time.time() - t0
-    trainer.save_checkpoint(last)
     if args.no_test:
         print(f"trained to step {trainer.global_step} in {train_s:.0f} s; no test (--no-test)")
         return

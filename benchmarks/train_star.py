@@ -27,10 +27,12 @@ from common import (
     SaveLastOnTrainEnd,
     add_recipe_arguments,
     check_recipe_arguments,
+    fit_or_exit,
     init_generator,
     write_json_atomic,
 )
 
+from insertion_diffusion.callbacks.guards import ExceptionCheckpoint
 from insertion_diffusion.data.star import StarGraphDataModule
 from insertion_diffusion.models import ARM, MDLM, FlexMDM, LoFlexMDM
 from insertion_diffusion.nn.transformer import TransformerConfig
@@ -151,6 +153,7 @@ def main() -> None:
         print(f"generator initialised from {args.init_generator} ({n} tensors)")
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=args.val_every),
                  CurveWriter(os.path.join(args.out, "curve.csv"), STAR_CURVE_KEYS),
+                 ExceptionCheckpoint(dirpath=ckpt_dir),  # SIGTERM (also under DDP): on_exception.ckpt, exit 143
                  SaveLastOnTrainEnd(last)]  # before the EMA callback: see its docstring
     if args.ema_decay is not None:
         callbacks.append(EMAWeightAveraging(decay=args.ema_decay))
@@ -163,7 +166,7 @@ def main() -> None:
         callbacks=callbacks,
     )
     t0 = time.time()
-    trainer.fit(model, datamodule=dm, ckpt_path=last if os.path.exists(last) else None)
+    fit_or_exit(trainer, model, dm)
     train_s = time.time() - t0
 
     model.sampler_cfg = make_sampler(args.method, args.test_steps, args.confidence, args.integrate_hazard)

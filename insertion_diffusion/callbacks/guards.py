@@ -7,6 +7,11 @@ is newer (:func:`newest_resume_checkpoint`). It writes nothing when training sto
 gradient (``FloatingPointError``): the weights were about to become NaN, and the last good checkpoint must stay the
 newest.
 
+Under DDP it also stops every process on the same step when SIGTERM arrives (:meth:`ExceptionCheckpoint.on_train_start`):
+Lightning 2.6's own SIGTERM handler runs a collective inside the signal handler, and with the signal reaching every
+rank (``scancel``, ``kill`` of the process group, the parent forwarding it to its children) the ranks' collectives
+no longer pair up and the run hangs without saving.
+
 It does what Lightning's ``OnExceptionCheckpoint`` does, but is a plain callback: Lightning turns every ``fit``
 without a ``ckpt_path`` into ``fit(ckpt_path="last")`` as soon as an ``OnExceptionCheckpoint`` is configured (a
 fresh run would silently continue an old one that logged into the same directory), and any ``Checkpoint`` callback
@@ -16,9 +21,13 @@ replaces the ``ModelCheckpoint`` Lightning adds by default.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 import lightning.pytorch as L
+import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -74,7 +83,10 @@ class ExceptionCheckpoint(Callback):
         filename: file name without the ``.ckpt`` extension.
 
     Under DDP it saves only on signals, which reach every process: saving is collective, and an exception raised
-    on one process alone would leave the save waiting for the others.
+    on one process alone would leave the save waiting for the others. For SIGTERM it replaces Lightning's handler
+    (which broadcasts from inside the signal handler and can deadlock) by one that only records the signal; after
+    every training batch the ranks agree on it with one all-reduce, and all of them stop at the end of that same
+    batch, so the collective save below runs on every rank.
     """
 
     FILE_EXTENSION = ".ckpt"
@@ -86,6 +98,8 @@ class ExceptionCheckpoint(Callback):
         self.filename = filename
         self._auto_dir: str | None = None
         self.saved_path: str | None = None
+        self._sigterm_pending = False
+        self._synced_sigterm = False
 
     def resolve_dir(self, trainer: L.Trainer) -> None:
         """Fix the directory from the trainer before ``fit`` starts (so ``--ckpt_path last`` can find the file)."""
@@ -101,6 +115,38 @@ class ExceptionCheckpoint(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.dirpath is None and self._auto_dir is None:
             self._auto_dir = checkpoint_dir(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning registers its signal handlers just before training starts and restores the previous ones at
+        # teardown, so the handler set here lives exactly as long as this fit.
+        self._sigterm_pending = False
+        self._synced_sigterm = (trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+                                and threading.current_thread() is threading.main_thread())
+        if not self._synced_sigterm:
+            return
+        launcher = trainer.strategy.launcher
+
+        def record_sigterm(signum: int, frame: object) -> None:
+            if not self._sigterm_pending and launcher is not None:
+                launcher.kill(signum)  # processes this one started (single-node ddp): stop them too
+            self._sigterm_pending = True
+            print(f"[rank {trainer.global_rank}] SIGTERM: stopping all ranks after this training batch",
+                  file=sys.stderr, flush=True)
+
+        signal.signal(signal.SIGTERM, record_sigterm)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object,
+                           batch_idx: int) -> None:
+        if not self._synced_sigterm:
+            return
+        # Every rank reaches this point once per batch, so the all-reduce pairs up whatever each rank was doing
+        # when its signal arrived; a signal on any rank stops them all here.
+        flag = torch.tensor([1.0 if self._sigterm_pending else 0.0], device=trainer.strategy.root_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            # The flag Lightning's own handler sets: the loop then raises SIGTERMException once this batch is
+            # complete (after its validation and periodic checkpoint, as in a single process), on every rank at once.
+            trainer._signal_connector.received_sigterm = True
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if getattr(trainer.state.fn, "value", trainer.state.fn) != "fit" or is_nonfinite_stop(exception):

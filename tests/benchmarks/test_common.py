@@ -6,12 +6,14 @@ from __future__ import annotations
 import csv
 import math
 import os
+import signal
 import sys
 
 import lightning.pytorch as L
 import pytest
 import torch
-from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
 
 from insertion_diffusion.models import FlexMDM, LoFlexMDM
 from insertion_diffusion.nn.transformer import TransformerConfig
@@ -27,6 +29,7 @@ from common import (
     CurveWriter,
     SaveLastOnTrainEnd,
     check_recipe_arguments,
+    fit_or_exit,
     init_generator,
     parse_setting,
     with_setting,
@@ -117,6 +120,38 @@ def test_the_last_checkpoint_of_an_ema_run_keeps_the_training_weights(tmp_path, 
     raw_is_training = all(torch.equal(raw[k], keep.weights[k]) for k in keep.weights)
     differs = any(not torch.equal(raw[k], average[k]) for k in average)
     assert (raw_is_training and differs) == save_inside_fit
+
+
+class _SigtermAtStep(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_fit_or_exit_stops_on_sigterm_with_143_and_resumes_from_the_exception_checkpoint(tmp_path, capsys):
+    """The training scripts' fit: SIGTERM during step 3 -> on_exception.ckpt at step 3 (last.ckpt is at step 2),
+    exit code 143; the same call again resumes from the exception checkpoint and finishes."""
+    from insertion_diffusion.callbacks.guards import ExceptionCheckpoint
+
+    def trainer(extra):
+        return L.Trainer(accelerator="cpu", max_steps=5, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False,
+                         callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_last=True,
+                                                    save_top_k=0), ExceptionCheckpoint(dirpath=str(tmp_path)), *extra])
+
+    with pytest.raises(SystemExit) as stop:
+        fit_or_exit(trainer([_SigtermAtStep(2)]), BoringModel(), BoringDataModule())
+    assert stop.value.code == 143
+    exc = tmp_path / "on_exception.ckpt"
+    assert torch.load(exc, weights_only=False)["global_step"] == 3
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 2
+    again = trainer([])
+    fit_or_exit(again, BoringModel(), BoringDataModule())
+    assert f"resuming from {exc}" in capsys.readouterr().out
+    assert again.global_step == 5 and not exc.exists()
 
 
 def test_a_resumed_curve_continues_the_time_axis_and_refuses_other_columns(tmp_path):
