@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import pickle
+import signal
 import statistics
 import sys
 import time
@@ -21,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.flop_counter import FlopCounterMode
 
-from insertion_diffusion.callbacks.guards import newest_resume_checkpoint
+from insertion_diffusion.callbacks.guards import newest_resume_checkpoint, stop_signal
 from insertion_diffusion.data.corpus import atomic_write
 
 
@@ -126,9 +127,10 @@ def fit_or_exit(trainer: L.Trainer, model: L.LightningModule, datamodule: L.Ligh
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
     except SIGTERMException:
+        name = "Ctrl-C (SIGINT)" if stop_signal() == signal.SIGINT else "SIGTERM"
         if trainer.is_global_zero:
-            print(f"stopped by SIGTERM at step {trainer.global_step}; run the same command to resume", file=sys.stderr)
-        raise SystemExit(143) from None
+            print(f"stopped by {name} at step {trainer.global_step}; run the same command to resume", file=sys.stderr)
+        raise SystemExit(130 if stop_signal() == signal.SIGINT else 143) from None
 
 
 def init_generator(model: torch.nn.Module, checkpoint: str) -> int:

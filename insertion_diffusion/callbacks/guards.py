@@ -7,10 +7,11 @@ is newer (:func:`newest_resume_checkpoint`). It writes nothing when training sto
 gradient (``FloatingPointError``): the weights were about to become NaN, and the last good checkpoint must stay the
 newest.
 
-Under DDP it also stops every process on the same step when SIGTERM arrives (:meth:`ExceptionCheckpoint.on_train_start`):
-Lightning 2.6's own SIGTERM handler runs a collective inside the signal handler, and with the signal reaching every
-rank (``scancel``, ``kill`` of the process group, the parent forwarding it to its children) the ranks' collectives
-no longer pair up and the run hangs without saving.
+Under DDP it also stops every process on the same step when SIGTERM or SIGINT (Ctrl-C) arrives
+(:meth:`ExceptionCheckpoint.on_train_start`): Lightning 2.6's own SIGTERM handler runs a collective inside the signal
+handler, and Ctrl-C raises ``KeyboardInterrupt`` wherever each rank happens to be; with the signal reaching every
+rank (``scancel``, ``kill`` of the process group, a terminal's Ctrl-C, the parent forwarding it to its children)
+the ranks' collectives no longer pair up and the run hangs.
 
 It does what Lightning's ``OnExceptionCheckpoint`` does, but is a plain callback: Lightning turns every ``fit``
 without a ``ckpt_path`` into ``fit(ckpt_path="last")`` as soon as an ``OnExceptionCheckpoint`` is configured (a
@@ -32,7 +33,15 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-__all__ = ["ExceptionCheckpoint", "checkpoint_dir", "is_nonfinite_stop", "newest_resume_checkpoint"]
+__all__ = ["ExceptionCheckpoint", "checkpoint_dir", "is_nonfinite_stop", "newest_resume_checkpoint", "stop_signal"]
+
+_stop_signal: int | None = None
+
+
+def stop_signal() -> int | None:
+    """The signal that stopped this process's last multi-process ``fit`` (``signal.SIGTERM`` or ``signal.SIGINT``,
+    agreed by all ranks), or None. The command reads it to print the right message and exit code."""
+    return _stop_signal
 
 
 def is_nonfinite_stop(exception: BaseException | None) -> bool:
@@ -83,8 +92,8 @@ class ExceptionCheckpoint(Callback):
         filename: file name without the ``.ckpt`` extension.
 
     Under DDP it saves only on signals, which reach every process: saving is collective, and an exception raised
-    on one process alone would leave the save waiting for the others. For SIGTERM it replaces Lightning's handler
-    (which broadcasts from inside the signal handler and can deadlock) by one that only records the signal; after
+    on one process alone would leave the save waiting for the others. For SIGTERM and SIGINT it replaces the handlers
+    (Lightning's broadcasts from inside the signal handler and can deadlock) by one that only records the signal; after
     every training batch the ranks agree on it with one all-reduce, and all of them stop at the end of that same
     batch, so the collective save below runs on every rank.
     """
@@ -98,8 +107,9 @@ class ExceptionCheckpoint(Callback):
         self.filename = filename
         self._auto_dir: str | None = None
         self.saved_path: str | None = None
-        self._sigterm_pending = False
-        self._synced_sigterm = False
+        self._pending_signal = 0
+        self._synced_stop = False
+        self._previous_sigint = None
 
     def resolve_dir(self, trainer: L.Trainer) -> None:
         """Fix the directory from the trainer before ``fit`` starts (so ``--ckpt_path last`` can find the file)."""
@@ -118,37 +128,52 @@ class ExceptionCheckpoint(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning registers its signal handlers just before training starts and restores the previous ones at
-        # teardown, so the handler set here lives exactly as long as this fit.
-        self._sigterm_pending = False
-        self._synced_sigterm = (trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
-                                and threading.current_thread() is threading.main_thread())
-        if not self._synced_sigterm:
+        # teardown; SIGINT's is restored here (on_train_end / on_exception), so the handlers set here live exactly
+        # as long as this fit.
+        global _stop_signal
+        _stop_signal = None
+        self._pending_signal = 0
+        self._synced_stop = (trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+                             and threading.current_thread() is threading.main_thread())
+        if not self._synced_stop:
             return
         launcher = trainer.strategy.launcher
 
-        def record_sigterm(signum: int, frame: object) -> None:
-            if not self._sigterm_pending and launcher is not None:
+        def record(signum: int, frame: object) -> None:
+            if not self._pending_signal and launcher is not None:
                 launcher.kill(signum)  # processes this one started (single-node ddp): stop them too
-            self._sigterm_pending = True
-            print(f"[rank {trainer.global_rank}] SIGTERM: stopping all ranks after this training batch",
-                  file=sys.stderr, flush=True)
+            self._pending_signal = max(self._pending_signal, int(signum))
+            print(f"[rank {trainer.global_rank}] {signal.Signals(signum).name}: stopping all ranks after this "
+                  "training batch (SIGKILL stops at once, without a checkpoint)", file=sys.stderr, flush=True)
 
-        signal.signal(signal.SIGTERM, record_sigterm)
+        self._previous_sigint = signal.signal(signal.SIGINT, record)  # Ctrl-C reaches every rank of the terminal
+        signal.signal(signal.SIGTERM, record)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object,
                            batch_idx: int) -> None:
-        if not self._synced_sigterm:
+        if not self._synced_stop:
             return
         # Every rank reaches this point once per batch, so the all-reduce pairs up whatever each rank was doing
-        # when its signal arrived; a signal on any rank stops them all here.
-        flag = torch.tensor([1.0 if self._sigterm_pending else 0.0], device=trainer.strategy.root_device)
+        # when its signal arrived; a signal on any rank stops them all here (SIGTERM wins over SIGINT).
+        flag = torch.tensor([float(self._pending_signal)], device=trainer.strategy.root_device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0:
-            # The flag Lightning's own handler sets: the loop then raises SIGTERMException once this batch is
-            # complete (after its validation and periodic checkpoint, as in a single process), on every rank at once.
+            global _stop_signal
+            _stop_signal = int(flag.item())
+            # The flag Lightning's own SIGTERM handler sets: the loop then raises SIGTERMException once this batch
+            # is complete (after its validation and periodic checkpoint, as in a single process), on every rank.
             trainer._signal_connector.received_sigterm = True
 
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_sigint()
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_sigint()
         if getattr(trainer.state.fn, "value", trainer.state.fn) != "fit" or is_nonfinite_stop(exception):
             return
         if trainer.world_size > 1 and not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):

@@ -1,8 +1,10 @@
-"""SIGTERM to every process of a 2-process DDP fit (gloo, CPU), as ``scancel`` or ``kill -TERM -<pgid>`` sends it.
+"""SIGTERM or SIGINT to every process of a 2-process DDP fit (gloo, CPU), as ``scancel`` or a terminal's Ctrl-C
+sends it.
 
-Every rank must stop on the same step, the command must write ``on_exception.ckpt`` and exit with 143, and
-``fit --ckpt_path last`` must continue from that checkpoint under DDP. With Lightning 2.6's own SIGTERM handler
-(a broadcast inside the signal handler) this run hung with no checkpoint; the test then fails on its timeout.
+Every rank must stop on the same step, the command must write ``on_exception.ckpt`` and exit with 143 (SIGTERM) or
+130 (SIGINT), and ``fit --ckpt_path last`` must continue from that checkpoint under DDP. With Lightning 2.6's own
+handling (a broadcast inside the SIGTERM handler; ``KeyboardInterrupt`` wherever each rank is) both runs hung; the
+test then fails on its timeout.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -65,7 +68,10 @@ def steps_done(record: Path) -> list[int]:
     return [json.loads(line)["step"] for line in record.read_text().splitlines()]
 
 
-def test_sigterm_to_every_rank_stops_ddp_fit_with_a_checkpoint_and_resumes(tmp_path):
+@pytest.mark.parametrize(("sig", "code", "message"), [("SIGTERM", 143, "stopped by SIGTERM"),
+                                                     ("SIGINT", 130, "stopped by Ctrl-C (SIGINT)")])
+def test_a_signal_to_every_rank_stops_ddp_fit_with_a_checkpoint_and_resumes(tmp_path, sig, code, message):
+    """SIGTERM as a scheduler sends it; SIGINT as a terminal's Ctrl-C does (to the whole foreground group)."""
     record = tmp_path / "steps.jsonl"
     proc = start(fit_args(tmp_path, record, max_steps=100_000), tmp_path)
     deadline = time.monotonic() + 240
@@ -73,10 +79,10 @@ def test_sigterm_to_every_rank_stops_ddp_fit_with_a_checkpoint_and_resumes(tmp_p
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "the DDP fit made no 5 steps in 240 s"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, getattr(signal, sig))
     out, err = finish(proc, timeout=120)
-    assert proc.returncode == 143, err[-3000:]
-    assert "stopped by SIGTERM" in err
+    assert proc.returncode == code, err[-3000:]
+    assert message in err
     ckpt_dir = tmp_path / "runs" / "star-easy-flexmdm" / "v0" / "checkpoints"
     exc = ckpt_dir / "on_exception.ckpt"
     assert exc.is_file(), sorted(p.name for p in ckpt_dir.iterdir())
