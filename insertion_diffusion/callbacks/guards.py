@@ -146,7 +146,8 @@ class ExceptionCheckpoint(Callback):
             print(f"[rank {trainer.global_rank}] {signal.Signals(signum).name}: stopping all ranks after this "
                   "training batch (SIGKILL stops at once, without a checkpoint)", file=sys.stderr, flush=True)
 
-        self._previous_sigint = signal.signal(signal.SIGINT, record)  # Ctrl-C reaches every rank of the terminal
+        # signal.signal returns None for a handler not set from Python; SIG_DFL is the closest thing to restore then
+        self._previous_sigint = signal.signal(signal.SIGINT, record) or signal.SIG_DFL  # Ctrl-C reaches every rank
         signal.signal(signal.SIGTERM, record)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object,
