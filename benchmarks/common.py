@@ -9,7 +9,6 @@ import dataclasses
 import json
 import os
 import pickle
-import signal
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.flop_counter import FlopCounterMode
 
-from insertion_diffusion.callbacks.guards import newest_resume_checkpoint, stop_signal
+from insertion_diffusion.callbacks.guards import newest_resume_checkpoint, stop_report
 from insertion_diffusion.data.corpus import atomic_write
 
 
@@ -120,17 +119,17 @@ class SaveLastOnTrainEnd(Callback):
 def fit_or_exit(trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule) -> None:
     """``trainer.fit``, resuming from the newest of the run's ``last.ckpt`` and ``on_exception.ckpt`` (an
     ``ExceptionCheckpoint`` among the callbacks writes the latter when SIGTERM stops the run, also under DDP).
-    A run stopped by SIGTERM exits with code 143, as the ``insertion-diffusion`` command does."""
+    A run stopped by SIGTERM exits with code 143 (130 after Ctrl-C), as the ``insertion-diffusion`` command does."""
     resume = newest_resume_checkpoint(trainer)
     if resume is not None and trainer.is_global_zero:
         print(f"resuming from {resume}", flush=True)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
     except SIGTERMException:
-        name = "Ctrl-C (SIGINT)" if stop_signal() == signal.SIGINT else "SIGTERM"
+        name, code = stop_report()
         if trainer.is_global_zero:
             print(f"stopped by {name} at step {trainer.global_step}; run the same command to resume", file=sys.stderr)
-        raise SystemExit(130 if stop_signal() == signal.SIGINT else 143) from None
+        raise SystemExit(code) from None
 
 
 def init_generator(model: torch.nn.Module, checkpoint: str) -> int:

@@ -17,7 +17,6 @@ Options added to Lightning's (see docs/distributed.md):
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import zipfile
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 # Imported so that short class names (``--model FlexMDM``) resolve.
 import insertion_diffusion.data
 import insertion_diffusion.models  # noqa: F401
-from insertion_diffusion.callbacks.guards import ExceptionCheckpoint, newest_resume_checkpoint, stop_signal
+from insertion_diffusion.callbacks.guards import ExceptionCheckpoint, newest_resume_checkpoint, stop_report
 from insertion_diffusion.callbacks.predictions import JsonlPredictionWriter
 
 
@@ -259,11 +258,9 @@ def main(args: Sequence[str] | None = None) -> None:
         # Lightning stopped on SIGTERM (e.g. a scheduler's pre-emption) after saving the exception checkpoint;
         # exit like a terminated process so that job schedulers do not count the run as finished. Under DDP a
         # Ctrl-C takes the same synchronised path (callbacks/guards.py) and exits like an interrupted process.
-        if stop_signal() == signal.SIGINT:
-            print("insertion-diffusion: stopped by Ctrl-C (SIGINT)", file=sys.stderr)
-            raise SystemExit(130) from None
-        print("insertion-diffusion: stopped by SIGTERM", file=sys.stderr)
-        raise SystemExit(143) from None
+        name, code = stop_report()
+        print(f"insertion-diffusion: stopped by {name}", file=sys.stderr)
+        raise SystemExit(code) from None
     except Exception as err:
         user = _user_error(err)
         if user is None or os.environ.get("INSERTION_DIFFUSION_DEBUG"):

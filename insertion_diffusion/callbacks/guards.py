@@ -33,7 +33,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-__all__ = ["ExceptionCheckpoint", "checkpoint_dir", "is_nonfinite_stop", "newest_resume_checkpoint", "stop_signal"]
+__all__ = ["ExceptionCheckpoint", "checkpoint_dir", "is_nonfinite_stop", "newest_resume_checkpoint", "stop_report",
+           "stop_signal"]
 
 _stop_signal: int | None = None
 
@@ -42,6 +43,12 @@ def stop_signal() -> int | None:
     """The signal that stopped this process's last multi-process ``fit`` (``signal.SIGTERM`` or ``signal.SIGINT``,
     agreed by all ranks), or None. The command reads it to print the right message and exit code."""
     return _stop_signal
+
+
+def stop_report() -> tuple[str, int]:
+    """``(what stopped the run, exit code)`` after a ``SIGTERMException``: Ctrl-C exits like an interrupted
+    process (130), SIGTERM like a terminated one (143), so job schedulers do not count the run as finished."""
+    return ("Ctrl-C (SIGINT)", 130) if _stop_signal == signal.SIGINT else ("SIGTERM", 143)
 
 
 def is_nonfinite_stop(exception: BaseException | None) -> bool:
