@@ -1,0 +1,148 @@
+"""Creation orders of a sequence's positions, and the partial sequences they pass through (pure torch).
+
+The Insertion Process (arXiv 2606.02133) builds a row's target one token at a time. A permutation ``sigma``
+of the ``n`` target positions (the order in which they are created) fixes the whole trajectory: after ``k``
+steps the partial sequence holds the fixed tokens (prompt, BOS, EOS) and the targets ``sigma_1 .. sigma_k``,
+in their original relative order. The posterior over creation orders is Plackett-Luce with per-position scores
+``s``: ``q(sigma) = prod_k exp(s_{sigma_k}) / sum_{j not yet created} exp(s_j)``, sampled exactly by sorting
+``s + Gumbel`` (Gumbel-top-k).
+
+Action ambiguity. Creating position ``i`` in a partial sequence is the action "insert token ``z[i]`` into the gap
+left of the next present token". Two not-yet-created positions in the same gap with the same token lead to the
+same next sequence, so the model's distribution is over distinct actions, and the posterior's probability of an
+action is the summed probability of the positions that produce it (:func:`action_mass`). With that, the bound of
+:mod:`insertion_diffusion.models.ip` is a true lower bound on ``log p(x)`` even when tokens repeat.
+
+Shapes: ``B`` rows, ``L`` positions (padded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from insertion_diffusion.process.rng import NoiseSource, uniform
+
+# Finite stand-in for -inf in the scores of positions that are not targets: exp() underflows to exactly 0, and
+# differences of two such values stay finite, so masked terms never produce NaN gradients.
+_NEG = -1.0e4
+
+
+def gumbel_order(scores: Tensor, target: Tensor, generator: NoiseSource = None, stream: str = "ip/gumbel") -> Tensor:
+    """A Plackett-Luce draw of creation orders (Gumbel-top-k).
+
+    Args:
+        scores: (B, L) float posterior scores (ignored where not ``target``).
+        target: (B, L) bool, the positions to order.
+        generator: noise source (a :class:`~insertion_diffusion.process.rng.RowRNG` over the B rows, or a
+            ``torch.Generator`` / None).
+
+    Returns:
+        (B, L) long ``rank``: the 0-based creation step of each target position; non-targets get ``L``.
+    """
+    u = uniform(scores.shape, generator, scores.device, stream).clamp(1e-12, 1.0 - 1e-7)
+    g = scores.detach().float() - torch.log(-torch.log(u))
+    g = torch.where(target, g, torch.full_like(g, float("-inf")))
+    order = torch.argsort(g, dim=1, descending=True, stable=True)  # positions, first-created first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    return torch.where(target, rank, torch.full_like(rank, scores.shape[1]))
+
+
+def prefix_log_prob(scores: Tensor, rank: Tensor, target: Tensor, k: Tensor) -> Tensor:
+    """``log q(sigma_1 .. sigma_k)`` under Plackett-Luce, the log-probability of the first ``k`` choices.
+
+    Args:
+        scores: (B, L) posterior scores (differentiable). rank: (B, L) from :func:`gumbel_order`.
+        target: (B, L) bool. k: (B,) long, ``0 <= k <= n``.
+
+    Returns:
+        (B,) float32; zero for ``k = 0``.
+    """
+    B, L = scores.shape
+    s = torch.where(target, scores.float(), torch.full_like(scores, _NEG, dtype=torch.float32))
+    order = torch.argsort(rank, dim=1)  # order[:, l] = position created at step l (targets first)
+    s_sorted = torch.gather(s, 1, order)
+    # log sum_{j created at step >= l} exp(s_j): a reversed running logsumexp
+    suffix = torch.logcumsumexp(s_sorted.flip(1), dim=1).flip(1)
+    steps = torch.arange(L, device=scores.device)[None, :]
+    terms = torch.where(steps < k[:, None], s_sorted - suffix, torch.zeros_like(s_sorted))
+    return terms.sum(1)
+
+
+@dataclass
+class CreationState:
+    """The partial sequences after the first ``k`` creations, compacted, and where each missing target goes.
+
+    Attributes:
+        x: (B, L) long tokens of the partial sequence, PAD beyond each row's length.
+        valid: (B, L) bool real positions of ``x``.
+        fixed: (B, L) bool prompt/BOS/EOS positions of ``x``.
+        lengths: (B,) long.
+        missing: (B, L) bool over the clean positions: targets not yet created.
+        owner: (B, L) long over the clean positions: the index in ``x`` of the token whose left gap a missing
+            position belongs to (the next present position to its right).
+    """
+
+    x: Tensor
+    valid: Tensor
+    fixed: Tensor
+    lengths: Tensor
+    missing: Tensor
+    owner: Tensor
+
+
+def creation_state(ids: Tensor, fixed: Tensor, attn: Tensor, rank: Tensor, k: Tensor, pad_id: int) -> CreationState:
+    """Compact each row to its fixed tokens plus the targets of rank ``< k``.
+
+    Args:
+        ids, fixed, attn: (B, L) the clean rows (``[prompt][BOS][target][EOS]`` or ``[target][EOS]``; EOS, which
+            is fixed and last, is always present, so every missing position has an owner).
+        rank: (B, L) creation steps (non-targets ``>= L``). k: (B,) number of created targets.
+    """
+    target = attn & ~fixed
+    created = target & (rank < k[:, None])
+    keep = (attn & fixed) | created
+    lengths = keep.sum(1)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    cols = torch.arange(ids.shape[1], device=ids.device)[None, :]
+    valid = cols < lengths[:, None]
+    x = torch.where(valid, torch.gather(ids, 1, order), torch.full_like(ids, pad_id))
+    fx = valid & torch.gather(fixed, 1, order)
+    before = torch.cumsum(keep.long(), dim=1) - keep.long()  # kept positions strictly before each position
+    return CreationState(x, valid, fx, lengths, target & ~created, before)
+
+
+def action_mass(q: Tensor, owner: Tensor, tokens: Tensor, missing: Tensor) -> Tensor:
+    """Per missing position, the posterior mass of its action: ``sum q[j]`` over missing ``j`` with the same
+    owner gap and the same token (positions that lead to the same next sequence).
+
+    Args:
+        q: (B, L) posterior probabilities of creating each position next (0 where not missing).
+        owner, tokens: (B, L) long. missing: (B, L) bool.
+
+    Returns:
+        (B, L) float; ``q`` itself where no other missing position shares the action. O(L^2) per row.
+    """
+    same = (owner[:, :, None] == owner[:, None, :]) & (tokens[:, :, None] == tokens[:, None, :]) & missing[:, None, :]
+    return torch.einsum("bij,bj->bi", same.to(q.dtype), q)
+
+
+def insert_at(x: Tensor, fixed: Tensor, gap: Tensor, token: Tensor, apply: Tensor) -> tuple[Tensor, Tensor]:
+    """Insert ``token[b]`` left of position ``gap[b]`` in the rows where ``apply[b]`` (others unchanged).
+
+    Args:
+        x: (B, W) tokens, PAD-padded with room for one more token in every applying row (its last column, PAD,
+            is shifted out).
+        fixed: (B, W) bool. gap: (B,) long. token: (B,) long. apply: (B,) bool.
+
+    Returns:
+        ``(x, fixed)`` after the insertion; the new token is not fixed.
+    """
+    cols = torch.arange(x.shape[1], device=x.device)[None, :]
+    src = (cols - (cols > gap[:, None]).long()).clamp_min(0)
+    shifted = torch.gather(x, 1, src)
+    new_x = torch.where(cols == gap[:, None], token[:, None], shifted)
+    new_fixed = torch.where(cols == gap[:, None], torch.zeros_like(fixed), torch.gather(fixed, 1, src))
+    return torch.where(apply[:, None], new_x, x), torch.where(apply[:, None], new_fixed, fixed)
