@@ -1,4 +1,4 @@
-"""Training and sampling speed of every method (ARM, MDLM, FlexMDM, LoFlexMDM) at two sizes, on star-easy rows.
+"""Training and sampling speed of every method (ARM, MDLM, FlexMDM, LoFlexMDM, Insertion Process) at two sizes, on star-easy rows.
 
 For each (method, size), in a fresh subprocess (so that its peak memory is its own):
 
@@ -30,13 +30,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import count_flops, matmul_peak_flops, median_seconds
 
 from insertion_diffusion.data.star import StarGraphDataModule
-from insertion_diffusion.models import ARM, MDLM, FlexMDM, LoFlexMDM
+from insertion_diffusion.models import ARM, MDLM, FlexMDM, InsertionProcess, LoFlexMDM
+from insertion_diffusion.models.ip import IPSamplerConfig
 from insertion_diffusion.nn.transformer import TransformerConfig
 from insertion_diffusion.sampling import ARSamplerConfig, MDLMSamplerConfig, SamplerConfig
 from insertion_diffusion.sampling.autoregressive import autoregressive_decode
 from insertion_diffusion.tokenizers import IntegerTokenizer
 
-METHODS = ("arm", "mdlm", "flexmdm", "loflexmdm")
+METHODS = ("arm", "mdlm", "flexmdm", "loflexmdm", "ip")
+STEPLESS = ("arm", "ip")  # samplers whose number of network passes follows the sequence, not a setting
 
 
 def peak_rss_mb() -> float:
@@ -54,7 +56,9 @@ def build(method: str, layers: int, width: int, tok, max_length: int, steps: int
     if method == "flexmdm":
         return FlexMDM(tok, max_length, backbone=cfg, sampler=SamplerConfig(steps=steps, top_k=1))
     order = TransformerConfig(num_layers=max(1, layers // 2), d_model=width, num_heads=4, d_cond=min(128, width),
-                              dropout=0.0, absolute_positions=True)
+                              dropout=0.0, absolute_positions=True, time_conditioning=method != "ip")
+    if method == "ip":
+        return InsertionProcess(tok, max_length, backbone=cfg, order_backbone=order, sampler=IPSamplerConfig(top_k=1))
     return LoFlexMDM(tok, max_length, backbone=cfg, order_backbone=order, sampler=SamplerConfig(steps=steps, top_k=1))
 
 
@@ -113,11 +117,11 @@ def one(method: str, layers: int, width: int, batch_size: int, steps_list: list[
     model.eval()
     # The network: model.forward (transformer + heads); ARM's cached path runs the transformer's
     # forward_cached and the LM head directly.
-    timers = [ForwardTimer(model)]
+    timers = [ForwardTimer(model.net if method == "ip" else model)]  # IP's policy pass is its transformer + heads
     if method == "arm":
         timers += [ForwardTimer(model.net, "forward_cached"), ForwardTimer(model.lm_head)]
     gen = torch.Generator().manual_seed(0)
-    for steps in steps_list if method != "arm" else [None]:
+    for steps in steps_list if method not in STEPLESS else [None]:
         if steps is not None:
             model.sampler_cfg.steps = steps
         model.sample(test_batch, gen)  # warm-up
@@ -205,7 +209,7 @@ def main() -> None:
             if r["size"] != size or r["method"] == "arm":
                 continue
             for s in r["sampling"]:
-                print(f"  {size:>6} {r['method']:>9} steps={s['steps']:>4}: x{s['seq_per_s'] / base:.2f} of ARM ({base:.1f} seq/s)")
+                print(f"  {size:>6} {r['method']:>9} steps={s['steps']!s:>4}: x{s['seq_per_s'] / base:.2f} of ARM ({base:.1f} seq/s)")
     with_c, without = arm_cache_ratio(128, 40, args.batch_size, 4, 256)
     print(f"\nARM 4x256, 128-token sequences, batch {args.batch_size}: cache {with_c:.2f} s, recompute {without:.2f} s "
           f"-> KV cache x{without / with_c:.2f}")
