@@ -235,9 +235,12 @@ class InsertionProcess(GenerativeModule):
         w0 = min(start.shape[1], Lmax + 1)
         x[:, :w0], fixed[:, :w0] = start[:, :w0], valid[:, :w0]
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
-        step = 0
-        while not bool(done.all()):
-            W = int(lengths.max())
+        # Each step inserts at most one token per row, so the widest row after ``step`` steps is known on the host
+        # (no sync for the width); a row of start length l stops by step Lmax - l at the latest. Like ARM's
+        # decoder, the loop ends early once every row has stopped (one flag read per step).
+        w0, l0 = int(lengths.max()), int(lengths.min())
+        for step in range(Lmax - l0 + 1):
+            W = min(Lmax, w0 + step)
             cols = torch.arange(W, device=x.device)[None, :]
             insert, stop = self.action_logits(x[:, :W], fixed[:, :W], cols < lengths[:, None])
             V = insert.shape[-1]
@@ -247,7 +250,8 @@ class InsertionProcess(GenerativeModule):
             x, fixed = insert_at(x, fixed, torch.div(a, V, rounding_mode="floor"), a % V, go)
             lengths = lengths + go.long()
             done = done | ~go
-            step += 1
+            if bool(done.all()):
+                break
         return x[:, :Lmax], fixed[:, :Lmax]
 
     def sampler_settings(self) -> dict[str, Any]:
