@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from insertion_diffusion.metrics.order import rowwise_pearson
 from insertion_diffusion.models.base import INFERENCE_SETTINGS, GenerativeModule, compact_fixed, eval_noise
 from insertion_diffusion.nn.transformer import AdaLNHead, ScalarHead, Transformer, TransformerConfig
 from insertion_diffusion.process.permutation import (
@@ -132,6 +133,7 @@ class InsertionProcess(GenerativeModule):
         if posterior == "learned":
             self.order_net = Transformer(V, self.order_cfg, max_length=self.max_length)
             self.order_head = ScalarHead(self.order_cfg.d_model, None)  # zero-initialised: uniform at the start
+        self.last_creation_steps: Tensor | None = None  # (B, max_length) of the last sample() call
 
     # --- network --------------------------------------------------------------------------------------
     def action_logits(self, x: Tensor, fixed: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -235,6 +237,7 @@ class InsertionProcess(GenerativeModule):
         w0 = min(start.shape[1], Lmax + 1)
         x[:, :w0], fixed[:, :w0] = start[:, :w0], valid[:, :w0]
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
+        made = torch.full_like(x, -1)  # the step that created each position (-1: fixed)
         # Each step inserts at most one token per row, so the widest row after ``step`` steps is known on the host
         # (no sync for the width); a row of start length l stops by step Lmax - l at the latest. Like ARM's
         # decoder, the loop ends early once every row has stopped (one flag read per step).
@@ -247,12 +250,44 @@ class InsertionProcess(GenerativeModule):
             joint = torch.cat([insert.flatten(1), stop[:, None]], dim=1)
             a = sample_tokens(joint, cfg.top_k, cfg.top_p, cfg.temperature, generator, stream=f"ip/step{step}")
             go = ~done & (a < W * V)
-            x, fixed = insert_at(x, fixed, torch.div(a, V, rounding_mode="floor"), a % V, go)
+            gap = torch.div(a, V, rounding_mode="floor")
+            x = insert_at(x, gap, a % V, go)
+            fixed = insert_at(fixed, gap, torch.zeros_like(go), go)
+            made = insert_at(made, gap, torch.full_like(a, step), go)
             lengths = lengths + go.long()
             done = done | ~go
             if bool(done.all()):
                 break
+        self.last_creation_steps = made[:, :Lmax]
         return x[:, :Lmax], fixed[:, :Lmax]
+
+    # --- order diagnostics ----------------------------------------------------------------------------
+    def _eval_rows(self, batch: dict[str, Tensor], batch_idx: int, stage: str, padding_only: bool = False) -> None:
+        """Also log how the order relates to position (negative: the end of the sequence first; on star graphs
+        the goal side): ``order_corr_posterior``, the correlation between a position and its step in the
+        posterior's most likely order (learned posterior only), and ``order_corr_sample``, between a generated
+        position and the sampler step that created it (when evaluation generates)."""
+        self.last_creation_steps = None
+        super()._eval_rows(batch, batch_idx, stage, padding_only)
+        names = ["order_corr_posterior"] if self.order_net is not None else []
+        if getattr(self, f"{stage}_metrics", None) is not None:
+            names.append("order_corr_sample")
+        if padding_only:
+            for name in names:
+                self._eval_log(f"{stage}/{name}", 0.0, 0, True)
+            return
+        zero = torch.zeros((), device=self.device)
+        with torch.no_grad():
+            for name in names:
+                if name == "order_corr_posterior":
+                    gen = batch["attention_mask"] & ~batch["fixed"]
+                    scores = self.order_scores(batch["input_ids"], batch["attention_mask"]).masked_fill(~gen, float("-inf"))
+                    step = torch.argsort(torch.argsort(scores, dim=1, descending=True, stable=True), dim=1).float()
+                else:
+                    step = self.last_creation_steps.float()
+                    gen = self.last_creation_steps >= 0
+                corr, ok = rowwise_pearson(gen.long().cumsum(1).float(), step, gen)
+                self._eval_log(f"{stage}/{name}", corr[ok].mean() if ok.any() else zero, int(ok.sum().clamp_min(1)))
 
     def sampler_settings(self) -> dict[str, Any]:
         return dataclasses.asdict(self.sampler_cfg)

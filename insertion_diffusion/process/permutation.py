@@ -129,20 +129,18 @@ def action_mass(q: Tensor, owner: Tensor, tokens: Tensor, missing: Tensor) -> Te
     return torch.einsum("bij,bj->bi", same.to(q.dtype), q)
 
 
-def insert_at(x: Tensor, fixed: Tensor, gap: Tensor, token: Tensor, apply: Tensor) -> tuple[Tensor, Tensor]:
-    """Insert ``token[b]`` left of position ``gap[b]`` in the rows where ``apply[b]`` (others unchanged).
+def insert_at(rows: Tensor, gap: Tensor, value: Tensor, apply: Tensor) -> Tensor:
+    """Insert ``value[b]`` left of position ``gap[b]`` in the rows where ``apply[b]`` (others unchanged).
 
     Args:
-        x: (B, W) tokens, PAD-padded with room for one more token in every applying row (its last column, PAD,
-            is shifted out).
-        fixed: (B, W) bool. gap: (B,) long. token: (B,) long. apply: (B,) bool.
+        rows: (B, W) any dtype, padded with room for one more entry in every applying row (its last column is
+            shifted out).
+        gap: (B,) long. value: (B,) of ``rows``' dtype. apply: (B,) bool.
 
     Returns:
-        ``(x, fixed)`` after the insertion; the new token is not fixed.
+        (B, W) the rows after the insertion.
     """
-    cols = torch.arange(x.shape[1], device=x.device)[None, :]
+    cols = torch.arange(rows.shape[1], device=rows.device)[None, :]
     src = (cols - (cols > gap[:, None]).long()).clamp_min(0)
-    shifted = torch.gather(x, 1, src)
-    new_x = torch.where(cols == gap[:, None], token[:, None], shifted)
-    new_fixed = torch.where(cols == gap[:, None], torch.zeros_like(fixed), torch.gather(fixed, 1, src))
-    return torch.where(apply[:, None], new_x, x), torch.where(apply[:, None], new_fixed, fixed)
+    new = torch.where(cols == gap[:, None], value[:, None].to(rows.dtype), torch.gather(rows, 1, src))
+    return torch.where(apply[:, None], new, rows)

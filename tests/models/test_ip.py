@@ -207,6 +207,12 @@ def test_sampler_keeps_prompts_and_never_leaves_special_tokens():
         assert seq[: len(head)] == head and seq[-1] == EOS and len(seq) <= MAXLEN
         assert all(t >= TOK.num_special for t in seq[len(head) : -1])
         assert fixed[r, : len(head)].all() and fixed[r, len(seq) - 1]
+    # the creation steps: -1 on fixed positions, each generated position made at its own step 0..n-1
+    made = model.last_creation_steps
+    for r in range(out.shape[0]):
+        gen = (out[r] != PAD) & ~fixed[r]
+        assert torch.equal(made[r][gen].sort().values, torch.arange(int(gen.sum())))
+        assert (made[r][~gen] == -1).all()
     # a row's sample does not depend on the rest of its batch (noise keyed by the row)
     sub = {k: v[2:4] for k, v in b.items()}
     part, _ = model.sample(sub, generator=RowRNG(1, sub["index"]))
