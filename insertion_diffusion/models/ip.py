@@ -32,7 +32,13 @@ import torch
 from torch import Tensor
 
 from insertion_diffusion.metrics.order import rowwise_pearson
-from insertion_diffusion.models.base import INFERENCE_SETTINGS, GenerativeModule, compact_fixed, eval_noise
+from insertion_diffusion.models.base import (
+    INFERENCE_SETTINGS,
+    GenerativeModule,
+    compact_fixed,
+    eval_noise,
+    run_fp32,
+)
 from insertion_diffusion.nn.transformer import AdaLNHead, ScalarHead, Transformer, TransformerConfig
 from insertion_diffusion.process.permutation import (
     action_mass,
@@ -149,7 +155,7 @@ class InsertionProcess(GenerativeModule):
         """
         tok = self.tokenizer
         h, _ = self.net(x, None, valid)
-        logits = self.token_head(h, None).float()
+        logits = run_fp32(self.token_head, h)  # fp32 outside autocast: the softmax spans every gap and token
         lengths = valid.sum(1)
         open_gap = valid & (~fixed | (x == tok.eos_id)) & (lengths < self.max_length)[:, None]
         logits = logits.masked_fill(~open_gap[..., None], float("-inf"))
