@@ -10,16 +10,17 @@ length), so a row of ``n`` target tokens takes ``n + 1`` network passes; the loo
 Training. The creation order ``sigma`` of the target positions is latent. With a posterior ``q(sigma | x)``
 (Plackett-Luce with scores from a small order network, or uniform), the evidence lower bound is
 
-    log p(x) >= E_q [ sum_{k=0}^{n-1} ( log p(a_k | x_{S_k}) - log q(a_k | S_k) ) ] + log p(stop | x),
+    log p(x) >= E_q [ sum_{k=0}^{n-1} ( log p(a_k | x_{S_k}) - log q(sigma_{k+1} | S_k) ) ] + log p(stop | x),
 
-where ``S_k`` is the set created after ``k`` steps and ``a_k`` the action that creates ``sigma_{k+1}``
-(positions that produce the same action are merged, see :mod:`insertion_diffusion.process.permutation`). Each
-row draws one step ``k`` uniformly from ``0..n`` and one prefix ``S_k`` from ``q``, and the step's term is
+where ``S_k`` is the set created after ``k`` steps and ``a_k`` the action (slot, token) that creates
+``sigma_{k+1}``. Orders and action paths correspond one to one (the slots are the order's inversion code, see
+:mod:`insertion_diffusion.process.permutation`), so this is the usual evidence lower bound with the order as the
+latent variable. Each row draws one step ``k`` uniformly from ``0..n`` and one prefix ``S_k`` from ``q``, and the step's term is
 taken in expectation over the next position under ``q`` given ``S_k`` (a Rao-Blackwellised term that one
 network pass on ``x_{S_k}`` gives exactly); ``(n + 1)`` times it is an unbiased estimate of the bound. The
 generator minimises ``-bound``. The order network gets the pathwise gradient of the term (through ``q``'s
 next-position weights) plus REINFORCE on the prefix's ``log q`` with a leave-one-out baseline over
-``num_orders`` orders per row that share ``k`` (common random numbers). ``posterior: uniform`` drops the
+``num_orders`` orders per row that share ``k`` (only ``k``: each order has its own Gumbel noise). ``posterior: uniform`` drops the
 order network (every order equally likely; the ILM-style objective).
 """
 
@@ -41,7 +42,6 @@ from insertion_diffusion.models.base import (
 )
 from insertion_diffusion.nn.transformer import AdaLNHead, ScalarHead, Transformer, TransformerConfig
 from insertion_diffusion.process.permutation import (
-    action_mass,
     creation_state,
     gumbel_order,
     insert_at,
@@ -140,6 +140,7 @@ class InsertionProcess(GenerativeModule):
             self.order_net = Transformer(V, self.order_cfg, max_length=self.max_length)
             self.order_head = ScalarHead(self.order_cfg.d_model, None)  # zero-initialised: uniform at the start
         self.last_creation_steps: Tensor | None = None  # (B, max_length) of the last sample() call
+        self._eval_elbo: tuple[Tensor, Tensor] | None = None
 
     # --- network --------------------------------------------------------------------------------------
     def action_logits(self, x: Tensor, fixed: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -194,24 +195,28 @@ class InsertionProcess(GenerativeModule):
         st = creation_state(ids_r, fixed_r, attn_r, rank, k_r, self.tokenizer.pad_id)
         W = int(st.lengths.max())
         insert, stop = self.action_logits(st.x[:, :W], st.fixed[:, :W], st.valid[:, :W])
-        log_z = torch.logsumexp(torch.cat([insert.flatten(1), stop[:, None]], dim=1), dim=1)  # (RB,)
-        owner = st.owner.clamp_max(W - 1)
-        log_p = torch.gather(insert.flatten(1), 1, owner * insert.shape[-1] + ids_r) - log_z[:, None]  # (RB, L)
-        # Next-position posterior given the created set: softmax of the scores over the missing positions.
-        s = torch.where(st.missing, scores_r.float(), torch.full_like(scores_r, float("-inf"), dtype=torch.float32))
-        q = torch.softmax(torch.where(st.missing.any(1, keepdim=True), s, torch.zeros_like(s)), dim=1)
-        q = torch.where(st.missing, q, torch.zeros_like(q))
-        q_action = action_mass(q, owner, ids_r, st.missing).clamp_min(1e-30)
-        step_term = (q * torch.where(st.missing, log_p - q_action.log(), torch.zeros_like(log_p))).sum(1)
-        final = k_r == n_r
-        term = torch.where(final, stop - log_z, step_term)
-        elbo = (n_r + 1).float() * term
-        log_q_prefix = prefix_log_prob(scores_r, rank, target_r, k_r)
+        # The bound's arithmetic in fp32 whatever the trainer's precision (the logits already are).
+        with torch.autocast(device_type=ids.device.type, enabled=False):
+            log_z = torch.logsumexp(torch.cat([insert.flatten(1), stop[:, None]], dim=1), dim=1)  # (RB,)
+            owner = st.owner.clamp_max(W - 1)
+            log_p = torch.gather(insert.flatten(1), 1, owner * insert.shape[-1] + ids_r) - log_z[:, None]  # (RB, L)
+            # Next-position posterior given the created set: softmax of the scores over the missing positions.
+            s = torch.where(st.missing, scores_r.float(), torch.full_like(scores_r, float("-inf"), dtype=torch.float32))
+            q = torch.softmax(torch.where(st.missing.any(1, keepdim=True), s, torch.zeros_like(s)), dim=1)
+            q = torch.where(st.missing, q, torch.zeros_like(q))
+            log_q = torch.log(q.clamp_min(1e-30))
+            step_term = (q * torch.where(st.missing, log_p - log_q, torch.zeros_like(log_p))).sum(1)
+            final = k_r == n_r
+            term = torch.where(final, stop - log_z, step_term)
+            elbo = (n_r + 1).float() * term
+            log_q_prefix = prefix_log_prob(scores_r, rank, target_r, k_r)
         return {"elbo": elbo.view(R, B), "log_q_prefix": log_q_prefix.view(R, B), "n": n}
 
     def compute_loss(self, batch: dict[str, Tensor], generator: NoiseSource = None) -> tuple[Tensor, dict[str, Tensor]]:
         terms = self.bound_terms(batch, generator)
         elbo, log_q = terms["elbo"], terms["log_q_prefix"]
+        if not self.training:  # evaluation asks for the same bound again (sequence_nll, same noise): keep it
+            self._eval_elbo = (batch["input_ids"], elbo.detach())
         B, L = batch["input_ids"].shape
         R = elbo.shape[0]
         # Summed over rows and divided by B * L, as every method in the package (comparable, DDP-exact).
@@ -230,6 +235,9 @@ class InsertionProcess(GenerativeModule):
     def sequence_nll(self, batch: dict[str, Tensor]) -> Tensor:
         """A one-step estimate of the negative bound per row (nats), (B,): an upper bound on ``-log p`` in
         expectation, averaged over ``num_orders`` orders and evaluation noise keyed by the row."""
+        cached, self._eval_elbo = self._eval_elbo, None
+        if cached is not None and cached[0] is batch["input_ids"]:
+            return -cached[1].mean(0)  # computed by compute_loss on this batch with the same evaluation noise
         return -self.bound_terms(batch, eval_noise(self, batch))["elbo"].mean(0)
 
     # --- sampling -------------------------------------------------------------------------------------

@@ -7,11 +7,12 @@ in their original relative order. The posterior over creation orders is Plackett
 ``s``: ``q(sigma) = prod_k exp(s_{sigma_k}) / sum_{j not yet created} exp(s_j)``, sampled exactly by sorting
 ``s + Gumbel`` (Gumbel-top-k).
 
-Action ambiguity. Creating position ``i`` in a partial sequence is the action "insert token ``z[i]`` into the gap
-left of the next present token". Two not-yet-created positions in the same gap with the same token lead to the
-same next sequence, so the model's distribution is over distinct actions, and the posterior's probability of an
-action is the summed probability of the positions that produce it (:func:`action_mass`). With that, the bound of
-:mod:`insertion_diffusion.models.ip` is a true lower bound on ``log p(x)`` even when tokens repeat.
+Orders and insertion paths correspond one to one. Creating position ``sigma_k`` inserts its token into slot
+``#{l < k : sigma_l < sigma_k}`` of the current partial sequence, and that slot sequence is the inversion code of
+``sigma``: it determines ``sigma``, so distinct orders give distinct action sequences even when tokens repeat (two
+equal tokens created in either order give the same strings, but through different slots). Hence
+``p(x) = sum_sigma p(actions(sigma))`` exactly, and the bound in :mod:`insertion_diffusion.models.ip` is the
+standard evidence lower bound over orders.
 
 Shapes: ``B`` rows, ``L`` positions (padded).
 """
@@ -112,21 +113,6 @@ def creation_state(ids: Tensor, fixed: Tensor, attn: Tensor, rank: Tensor, k: Te
     fx = valid & torch.gather(fixed, 1, order)
     before = torch.cumsum(keep.long(), dim=1) - keep.long()  # kept positions strictly before each position
     return CreationState(x, valid, fx, lengths, target & ~created, before)
-
-
-def action_mass(q: Tensor, owner: Tensor, tokens: Tensor, missing: Tensor) -> Tensor:
-    """Per missing position, the posterior mass of its action: ``sum q[j]`` over missing ``j`` with the same
-    owner gap and the same token (positions that lead to the same next sequence).
-
-    Args:
-        q: (B, L) posterior probabilities of creating each position next (0 where not missing).
-        owner, tokens: (B, L) long. missing: (B, L) bool.
-
-    Returns:
-        (B, L) float; ``q`` itself where no other missing position shares the action. O(L^2) per row.
-    """
-    same = (owner[:, :, None] == owner[:, None, :]) & (tokens[:, :, None] == tokens[:, None, :]) & missing[:, None, :]
-    return torch.einsum("bij,bj->bi", same.to(q.dtype), q)
 
 
 def insert_at(rows: Tensor, gap: Tensor, value: Tensor, apply: Tensor) -> Tensor:
