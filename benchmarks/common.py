@@ -13,11 +13,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Timer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -114,6 +115,21 @@ class SaveLastOnTrainEnd(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.save_checkpoint(self.path)
+
+
+class InvocationTimer(Timer):
+    """The training scripts' ``--minutes``: a cap on the training time of this invocation.
+
+    Lightning's own ``max_time`` restores the elapsed time of the runs before it from the checkpoint, so a run
+    resumed or continued (to more steps) from a checkpoint of a 100-minute run with ``--minutes 125`` stopped after
+    25 minutes. Here the clock starts at zero in every invocation.
+    """
+
+    def __init__(self, minutes: float) -> None:
+        super().__init__(duration=timedelta(minutes=minutes), interval="step", verbose=True)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass  # do not add the checkpoint's elapsed time
 
 
 def fit_or_exit(trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule) -> None:

@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 sys.path.insert(0, os.path.dirname(__file__))
 from common import (
     CurveWriter,
+    InvocationTimer,
     SaveLastOnTrainEnd,
     add_recipe_arguments,
     check_recipe_arguments,
@@ -71,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what the model writes; SAFE forms are scored with lenient decoding as GenMol validity")
     ap.add_argument("--train-size", type=int, default=200_000)
     ap.add_argument("--max-steps", type=int, default=800)
-    ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("--minutes", type=float, default=30.0,
+                    help="wall-clock cap on this invocation's training (a resumed run starts its clock at zero)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -135,14 +137,14 @@ def main() -> None:
         n = init_generator(model, args.init_generator)
         print(f"generator initialised from {args.init_generator} ({n} tensors)")
     trainer = L.Trainer(
-        accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto", max_time={"minutes": args.minutes}, max_steps=args.max_steps, max_epochs=-1,
+        accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto", max_steps=args.max_steps, max_epochs=-1,
         val_check_interval=val_every, check_val_every_n_epoch=None, limit_val_batches=1,
         num_sanity_val_steps=0, gradient_clip_val=1.0, log_every_n_steps=50, enable_progress_bar=False,
         logger=TensorBoardLogger(args.out, name="tb"),
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=min(val_every, max(1, args.max_steps // 4))),
                    CurveWriter(os.path.join(args.out, "curve.csv"), MOLECULE_CURVE_KEYS),
                    ExceptionCheckpoint(dirpath=ckpt_dir),  # SIGTERM (also under DDP): on_exception.ckpt, exit 143
-                   SaveLastOnTrainEnd(last)],
+                   SaveLastOnTrainEnd(last), InvocationTimer(args.minutes)],
     )
     t0 = time.time()
     fit_or_exit(trainer, model, dm)

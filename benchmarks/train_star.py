@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 sys.path.insert(0, os.path.dirname(__file__))
 from common import (
     CurveWriter,
+    InvocationTimer,
     SaveLastOnTrainEnd,
     add_recipe_arguments,
     check_recipe_arguments,
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="easy")
     ap.add_argument("--method", default="flexmdm", choices=sorted(METHODS))
-    ap.add_argument("--minutes", type=float, default=30.0, help="wall-clock cap on training")
+    ap.add_argument("--minutes", type=float, default=30.0,
+                    help="wall-clock cap on this invocation's training (a resumed run starts its clock at zero)")
     ap.add_argument("--max-steps", type=int, default=-1, help="step budget (-1: only the time cap)")
     ap.add_argument("--out", default="benchmarks/out/star")
     ap.add_argument("--layers", type=int, default=4)
@@ -154,12 +156,13 @@ def main() -> None:
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=args.val_every),
                  CurveWriter(os.path.join(args.out, "curve.csv"), STAR_CURVE_KEYS),
                  ExceptionCheckpoint(dirpath=ckpt_dir),  # SIGTERM (also under DDP): on_exception.ckpt, exit 143
-                 SaveLastOnTrainEnd(last)]  # before the EMA callback: see its docstring
+                 SaveLastOnTrainEnd(last),  # before the EMA callback: see its docstring
+                 InvocationTimer(args.minutes)]
     if args.ema_decay is not None:
         callbacks.append(EMAWeightAveraging(decay=args.ema_decay))
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
-        max_time={"minutes": args.minutes}, max_steps=args.max_steps, max_epochs=-1,
+        max_steps=args.max_steps, max_epochs=-1,
         val_check_interval=args.val_every, check_val_every_n_epoch=None, limit_val_batches=1,
         gradient_clip_val=1.0, log_every_n_steps=50, enable_progress_bar=False,
         logger=TensorBoardLogger(args.out, name="tb"),

@@ -27,6 +27,7 @@ import json
 from common import (
     GENERATOR_PARTS,
     CurveWriter,
+    InvocationTimer,
     SaveLastOnTrainEnd,
     check_recipe_arguments,
     fit_or_exit,
@@ -249,3 +250,27 @@ def test_settings_text_overrides_a_sampler_config_with_typed_values():
 def test_a_bad_setting_exits_with_one_line_naming_the_option(text, message):
     with pytest.raises(SystemExit, match=message):
         with_setting(SamplerConfig(), text, "--sampler-settings")
+
+
+def test_minutes_cap_restarts_its_clock_on_resume(tmp_path):
+    """A continuation from a checkpoint of a long run must get its own --minutes: Lightning's max_time adds the
+    checkpoint's elapsed time and stops at once (the control)."""
+    def trainer(steps: int, timer: dict) -> L.Trainer:
+        return L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), *timer.get("cb", [])],
+                         max_time=timer.get("max_time"), limit_val_batches=0)
+
+    first = trainer(2, {"cb": [InvocationTimer(1.0)]})
+    first.fit(BoringModel(), BoringDataModule())
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    elapsed = {"train": 1e6, "sanity_check": 0.0, "validate": 0.0, "test": 0.0, "predict": 0.0}  # an 11-day run
+    for key in ("Timer", "InvocationTimer"):  # what max_time and the scripts' timer save under
+        ckpt["callbacks"][key] = {"time_elapsed": dict(elapsed)}
+    torch.save(ckpt, tmp_path / "long.ckpt")
+
+    resumed = trainer(4, {"cb": [InvocationTimer(1.0)]})
+    resumed.fit(BoringModel(), BoringDataModule(), ckpt_path=str(tmp_path / "long.ckpt"))
+    assert resumed.global_step == 4
+    control = trainer(4, {"max_time": {"minutes": 1}})
+    control.fit(BoringModel(), BoringDataModule(), ckpt_path=str(tmp_path / "long.ckpt"))
+    assert control.global_step == 2
