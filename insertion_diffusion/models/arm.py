@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from insertion_diffusion.models.base import INFERENCE_SETTINGS, GenerativeModule
-from insertion_diffusion.nn.transformer import AdaLNHead, Transformer, TransformerConfig
+from insertion_diffusion.nn.transformer import AdaLNHead, Transformer, TransformerConfig, without_time
 from insertion_diffusion.process.rng import NoiseSource
 from insertion_diffusion.sampling.autoregressive import (
     ARSamplerConfig,
@@ -25,10 +25,6 @@ from insertion_diffusion.sampling.autoregressive import (
     autoregressive_decode,
 )
 from insertion_diffusion.tokenizers import Tokenizer
-
-
-def _no_time(cfg: TransformerConfig) -> TransformerConfig:
-    return dataclasses.replace(cfg, time_conditioning=False)
 
 
 class ARM(GenerativeModule):
@@ -63,7 +59,7 @@ class ARM(GenerativeModule):
             lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio, eval_seed=eval_seed,
             num_logged_samples=num_logged_samples, compile=compile,
         )
-        self.backbone_cfg = _no_time(backbone or TransformerConfig())
+        self.backbone_cfg = without_time(backbone or TransformerConfig())
         self.sampler_cfg = sampler or ARSamplerConfig()
         self.save_hyperparameters(ignore=["tokenizer", "max_length", *INFERENCE_SETTINGS])
         self.save_linked_hparams()

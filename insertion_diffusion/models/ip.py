@@ -40,7 +40,13 @@ from insertion_diffusion.models.base import (
     eval_noise,
     run_fp32,
 )
-from insertion_diffusion.nn.transformer import AdaLNHead, ScalarHead, Transformer, TransformerConfig
+from insertion_diffusion.nn.transformer import (
+    AdaLNHead,
+    ScalarHead,
+    Transformer,
+    TransformerConfig,
+    without_time,
+)
 from insertion_diffusion.process.permutation import (
     creation_state,
     gumbel_order,
@@ -70,10 +76,6 @@ class IPSamplerConfig:
 
     def __post_init__(self) -> None:
         check_token_filters(self.top_k, self.top_p, self.temperature)
-
-
-def _no_time(cfg: TransformerConfig) -> TransformerConfig:
-    return dataclasses.replace(cfg, time_conditioning=False)
 
 
 class InsertionProcess(GenerativeModule):
@@ -124,8 +126,8 @@ class InsertionProcess(GenerativeModule):
                 f"model.num_orders must be >= 2 with posterior: learned (the leave-one-out baseline needs two "
                 f"orders per row) and >= 1 otherwise, got {num_orders}"
             )
-        self.backbone_cfg = _no_time(backbone or TransformerConfig())
-        self.order_cfg = _no_time(order_backbone or self.backbone_cfg)
+        self.backbone_cfg = without_time(backbone or TransformerConfig())
+        self.order_cfg = without_time(order_backbone or self.backbone_cfg)
         self.posterior, self.num_orders = posterior, int(num_orders)
         self.sampler_cfg = sampler or IPSamplerConfig()
         self.save_hyperparameters(ignore=["tokenizer", "max_length", *INFERENCE_SETTINGS])

@@ -8,6 +8,7 @@ Shapes: ``B`` batch, ``W`` sequence width, ``d`` model width, ``c`` conditioning
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -415,6 +416,11 @@ class ScalarHead(nn.Module):
                 shift, scale = self.ada(cond.float()).chunk(2, dim=-1)
                 h = modulate(h, shift, scale)
             return self.mlp(h).squeeze(-1)
+
+
+def without_time(cfg: TransformerConfig) -> TransformerConfig:
+    """``cfg`` with time conditioning switched off, for methods that have no time (ARM, the Insertion Process)."""
+    return dataclasses.replace(cfg, time_conditioning=False)
 
 
 # Checkpoints store this config in their hyper-parameters; allow torch's weights-only unpickler to load it.
