@@ -250,8 +250,8 @@ class InsertionProcess(GenerativeModule):
         B, Lmax = start.shape[0], self.max_length
         x = torch.full((B, Lmax + 1), tok.pad_id, dtype=torch.long, device=start.device)
         fixed = torch.zeros_like(x, dtype=torch.bool)
-        w0 = min(start.shape[1], Lmax + 1)
-        x[:, :w0], fixed[:, :w0] = start[:, :w0], valid[:, :w0]
+        cut = min(start.shape[1], Lmax + 1)
+        x[:, :cut], fixed[:, :cut] = start[:, :cut], valid[:, :cut]
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
         made = torch.full_like(x, -1)  # the step that created each position (-1: fixed)
         # Each step inserts at most one token per row, so the widest row after ``step`` steps is known on the host
