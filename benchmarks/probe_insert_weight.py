@@ -50,7 +50,7 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            accs.append(float(logs["masked_token_acc"]))
+            accs.append(float(logs["masked_token_acc"][0]))
             if (step + 1) % 50 == 0:
                 print(f"insert_weight={w:<4} step {step + 1:4d}: masked-token accuracy {sum(accs[-50:]) / 50:.3f}",
                       flush=True)

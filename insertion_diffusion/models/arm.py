@@ -98,7 +98,7 @@ class ARM(GenerativeModule):
         with torch.no_grad():
             correct = ((logits.argmax(-1) == batch["input_ids"]) & counted).sum()
             acc = correct / counted.sum().clamp_min(1)
-        return loss, {"token_acc": acc}
+        return loss, {"token_acc": (acc, counted.sum())}
 
     def sequence_nll(self, batch: dict[str, Tensor]) -> Tensor:
         """Exact ``-log p(target, EOS | prompt)`` per row (nats), (B,)."""

@@ -19,8 +19,8 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
+from insertion_diffusion.metrics.mean import WeightedMean
 from insertion_diffusion.process.rng import NoiseSource, RowRNG, mix_ints
 from insertion_diffusion.tokenizers import Tokenizer, as_tokenizer
 
@@ -108,6 +108,12 @@ def eval_noise(module: L.LightningModule, batch: dict[str, Tensor]) -> RowRNG:
     return RowRNG(int(getattr(module, "eval_seed", 0)), rows)
 
 
+def ratio_value(v: Any) -> Any:
+    """The value of a ``compute_loss`` log entry: a plain value, or the first item of a ``(ratio, count)``
+    pair (a ratio whose evaluation mean is weighted by ``count``)."""
+    return v[0] if isinstance(v, tuple) else v
+
+
 def select_rows(batch: dict[str, Any], keep: Tensor) -> dict[str, Any]:
     """The rows ``keep`` (B,) bool of every per-row tensor of ``batch``; other entries unchanged."""
     B = keep.shape[0]
@@ -193,7 +199,7 @@ class GenerativeModule(L.LightningModule):
         self._eval_generated: set[str] = set()
         self._sample_rows: list[tuple[str, str, str]] = []
         # Token-weighted means of the per-row NLL (see sequence_nll); synced across ranks by torchmetrics.
-        self._nll_meters = torch.nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
+        self._nll_meters = torch.nn.ModuleDict({s: WeightedMean() for s in ("val", "test")})
         # Weighted means of the other evaluation scalars (losses and their parts), created as they are logged.
         self._eval_meters = torch.nn.ModuleDict()
 
@@ -206,7 +212,7 @@ class GenerativeModule(L.LightningModule):
 
     # --- to implement -------------------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Return the scalar loss and a dict of scalars to log."""
+        """Return the scalar loss and a dict of scalars to log (or of ``(ratio, count)`` pairs, see :func:`ratio_value`)."""
         raise NotImplementedError
 
     def sample(self, batch: dict[str, Tensor], generator: NoiseSource = None) -> tuple[Tensor, Tensor]:
@@ -277,7 +283,7 @@ class GenerativeModule(L.LightningModule):
         B = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         for k, v in logs.items():
-            self.log(f"train/{k}", v, batch_size=B)
+            self.log(f"train/{k}", ratio_value(v), batch_size=B)
         return loss
 
     def _track_finite(self, loss: Tensor, logs: dict[str, Any]) -> None:
@@ -285,7 +291,8 @@ class GenerativeModule(L.LightningModule):
         ok = torch.isfinite(loss.detach()).all()
         self._step_ok = ok if self._step_ok is None else self._step_ok & ok
         self._step_loss = loss.detach()
-        self._step_logs = {k: v.detach() for k, v in logs.items() if isinstance(v, Tensor)}
+        values = {k: ratio_value(v) for k, v in logs.items()}
+        self._step_logs = {k: v.detach() for k, v in values.items() if isinstance(v, Tensor)}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         ok = self._step_ok if self._step_ok is not None else torch.ones((), dtype=torch.bool, device=self.device)
@@ -390,7 +397,7 @@ class GenerativeModule(L.LightningModule):
         self._eval_rows(batch, batch_idx, stage)
 
     def _eval_log(self, name: str, value: Any, weight: int, padding_only: bool = False, **kwargs: Any) -> None:
-        """Log the ``weight``-weighted epoch mean of a scalar through a torchmetrics ``MeanMetric``.
+        """Log the ``weight``-weighted epoch mean of a scalar through a :class:`WeightedMean`.
 
         Its sum-reduced float states make the DDP value exact when processes hold different numbers of rows
         (``self.log(..., sync_dist=True)`` averages an integer row count and is off then). Every process logs the
@@ -398,7 +405,7 @@ class GenerativeModule(L.LightningModule):
         """
         key = name.replace("/", "__")
         if key not in self._eval_meters:
-            self._eval_meters[key] = MeanMetric(nan_strategy="disable")
+            self._eval_meters[key] = WeightedMean()
         meter = self._eval_meters[key].to(self.device)
         if not padding_only:
             meter.update(torch.as_tensor(value, device=self.device).detach().float(), weight=float(weight))
@@ -417,7 +424,10 @@ class GenerativeModule(L.LightningModule):
         loss = logs.get("loss_generator", loss)
         self._eval_log(f"{stage}/loss", loss, B, padding_only, prog_bar=True)
         for k, v in logs.items():
-            self._eval_log(f"{stage}/{k}", v, B, padding_only)
+            # A ratio (value, count) is averaged over its counts (e.g. masked tokens), not over rows: the epoch
+            # value is then the same for any batch layout and number of processes.
+            value, weight = v if isinstance(v, tuple) else (v, B)
+            self._eval_log(f"{stage}/{k}", value, weight, padding_only)
         with torch.no_grad():
             nll = self.sequence_nll(batch)
         if nll is not None:

@@ -159,7 +159,7 @@ class FlexMDM(InsertionModel):
         logs = {
             "loss_unmask": terms.unmask.detach() / norm,
             "loss_insert": insert.detach() / norm,
-            "masked_token_acc": terms.correct / terms.num_masked.clamp_min(1),
+            "masked_token_acc": (terms.correct / terms.num_masked.clamp_min(1), terms.num_masked),
         }
         return loss, logs
 

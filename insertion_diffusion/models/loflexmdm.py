@@ -359,7 +359,7 @@ class LoFlexMDM(InsertionModel):
                 "adv_abs_max": adv.abs().max(),
                 "dlogp_abs_mean": dlogp.detach().abs().mean(),
                 "dlogp_abs_max": dlogp.detach().abs().max(),
-                "masked_token_acc": terms.correct / terms.num_masked.clamp_min(1),
+                "masked_token_acc": (terms.correct / terms.num_masked.clamp_min(1), terms.num_masked),
                 "b_in_mean": bsel.mean() if bsel.numel() else torch.zeros(()),
                 "b_in_std": bsel.std() if bsel.numel() > 1 else torch.zeros(()),
                 **{f"reg_{k}": v.detach() for k, v in regs.items()},

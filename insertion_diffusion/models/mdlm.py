@@ -126,7 +126,7 @@ class MDLM(GenerativeModule):
         rows, n_masked, correct, _ = self._masked_terms(batch, generator)
         B, L = batch["input_ids"].shape
         loss = rows.sum() / (B * L)
-        return loss, {"masked_token_acc": correct / n_masked.sum().clamp_min(1)}
+        return loss, {"masked_token_acc": (correct / n_masked.sum().clamp_min(1), n_masked.sum())}
 
     @torch.no_grad()
     def count_lengths(self, batch: dict[str, Tensor]) -> None:

@@ -1,7 +1,8 @@
 """A time-conditioned transformer (DiT-style AdaLN blocks, rotary positions, PyTorch SDPA attention).
 
 The same blocks serve every method: bidirectional with a key-padding mask for the diffusion and
-insertion models, causal (``causal=True``) for autoregressive ones.
+insertion models, causal (``causal=True``) for autoregressive ones, block-causal (``causal=True`` with
+``block_size > 1``) for the hyperschedule model.
 
 Shapes: ``B`` batch, ``W`` sequence width, ``d`` model width, ``c`` conditioning width.
 """
@@ -240,19 +241,23 @@ class Block(nn.Module):
         return self._post_attention(x, a.transpose(1, 2).reshape(B, W, d), mod)
 
     def forward_cached(
-        self, x: Tensor, cond: Tensor | None, rot: tuple[Tensor, Tensor], cache: tuple[Tensor, Tensor], pos: int
+        self,
+        x: Tensor,
+        cond: Tensor | None,
+        rot: tuple[Tensor, Tensor],
+        cache: tuple[Tensor, Tensor],
+        pos: int,
+        mask: Tensor | None,
     ) -> Tensor:
-        """Causal attention of ``n`` new positions ``pos .. pos+n-1`` (x: (B, n, d)) over the cached keys and
-        values of positions ``< pos`` plus their own; writes their keys/values into ``cache`` in place."""
+        """Attention of ``n`` new positions ``pos .. pos+n-1`` (x: (B, n, d)) over the cached keys and values of
+        positions ``< pos`` plus their own, under ``mask`` (n, pos + n) bool (None: every key); writes their
+        keys/values into ``cache`` in place."""
         B, n, d = x.shape
         h, mod = self._pre_attention(x, cond)
         q, k, v = self._qkv(h, rot)
         k_cache, v_cache = cache
         k_cache[:, :, pos : pos + n] = k
         v_cache[:, :, pos : pos + n] = v
-        mask = None
-        if n > 1:  # new position i sees keys 0 .. pos + i
-            mask = torch.ones(n, pos + n, dtype=torch.bool, device=x.device).tril(diagonal=pos)
         a = F.scaled_dot_product_attention(q, k_cache[:, :, : pos + n], v_cache[:, :, : pos + n], attn_mask=mask)
         return self._post_attention(x, a.transpose(1, 2).reshape(B, n, d), mod)
 
@@ -265,12 +270,20 @@ class Transformer(nn.Module):
         cfg: the backbone size.
         causal: causal attention (autoregressive) instead of bidirectional.
         max_length: longest sequence (needed only with ``cfg.absolute_positions``).
+        block_size: with ``causal``, attention is block-causal over blocks of this many positions: a position
+            sees every position of its own block and of the blocks before it (1 = plain causal). Used by the
+            hyperschedule model, whose finished blocks then never change and can be kept in a KV cache.
     """
 
-    def __init__(self, vocab_size: int, cfg: TransformerConfig, causal: bool = False, max_length: int = 0) -> None:
+    def __init__(
+        self, vocab_size: int, cfg: TransformerConfig, causal: bool = False, max_length: int = 0, block_size: int = 1
+    ) -> None:
         super().__init__()
+        if block_size < 1 or (block_size > 1 and not causal):
+            raise ValueError(f"block_size={block_size} must be >= 1, and > 1 only with causal=True")
         self.cfg = cfg
         self.causal = causal
+        self.block_size = block_size
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.pos_embed = None
@@ -318,17 +331,27 @@ class Transformer(nn.Module):
             h = h + self.pos_embed.weight[None, : x.shape[1]]
         cond = self.time(t) if self.time is not None and t is not None else None
         rot = rotary_tables(x.shape[1], self.rotary_dim, x.device, h.dtype)
+        W = x.shape[1]
         attn_mask = None
+        if self.causal and self.block_size > 1:
+            attn_mask = self.causal_mask(0, W, x.device)[None, None]
         if valid is not None:
-            attn_mask = valid[:, None, None, :]
-            if self.causal:
-                W = x.shape[1]
-                attn_mask = attn_mask & torch.ones(W, W, dtype=torch.bool, device=x.device).tril()[None, None]
+            keys = valid[:, None, None, :]
+            if self.causal and attn_mask is None:
+                attn_mask = torch.ones(W, W, dtype=torch.bool, device=x.device).tril()[None, None]
+            attn_mask = keys if attn_mask is None else keys & attn_mask
         for i, block in enumerate(self.blocks):
             if self.convs is not None:
                 h = self.convs[i](h, valid)
             h = block(h, cond, rot, attn_mask, self.causal)
         return h, cond
+
+    def causal_mask(self, pos: int, n: int, device: torch.device) -> Tensor:
+        """(n, pos + n) bool: which keys ``0 .. pos+n-1`` the queries ``pos .. pos+n-1`` see (causal, or
+        block-causal with ``block_size``)."""
+        q = torch.arange(pos, pos + n, device=device) // self.block_size
+        k = torch.arange(pos + n, device=device) // self.block_size
+        return k[None, :] <= q[:, None]
 
     # --- incremental (KV-cached) causal decoding ----------------------------------------------------
     def new_cache(self, batch_size: int, width: int, device: torch.device, dtype: torch.dtype) -> list[tuple[Tensor, ...]]:
@@ -347,7 +370,9 @@ class Transformer(nn.Module):
         Positions ``< pos`` must already be in ``cache`` (from earlier calls); a prefill is ``pos=0`` with the
         whole prefix. Every row shares the same positions, so there is no key-padding mask: a caller with
         prompts of different lengths feeds the prompt tokens step by step (teacher forcing) past the shortest.
-        Equals :meth:`forward` on the full prefix, position for position, up to float rounding.
+        Equals :meth:`forward` on the full prefix, position for position, up to float rounding. With
+        ``block_size > 1`` a call may start anywhere after the last block whose keys are final and re-run the
+        blocks after it (their cached keys and values are overwritten).
         """
         n = x.shape[1]
         h = self.embed(x)
@@ -358,10 +383,12 @@ class Transformer(nn.Module):
         cond = self.time(t) if self.time is not None and t is not None else None
         cos, sin = rotary_tables(pos + n, self.rotary_dim, x.device, h.dtype)
         rot = (cos[pos:], sin[pos:])
+        # A single query sees every key up to its own position, under either mask.
+        mask = self.causal_mask(pos, n, x.device) if n > 1 else None
         for i, (block, kv) in enumerate(zip(self.blocks, cache)):
             if self.convs is not None:
                 h = self.convs[i].forward_cached(h, kv[2], pos)
-            h = block.forward_cached(h, cond, rot, kv[:2], pos)
+            h = block.forward_cached(h, cond, rot, kv[:2], pos, mask)
         return h
 
 

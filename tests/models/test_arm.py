@@ -75,7 +75,7 @@ def test_loss_counts_target_and_eos_only():
     loss, logs = model.compute_loss(b)
     B, L = b["input_ids"].shape
     assert loss.item() == pytest.approx(model.sequence_nll(b).sum().item() / (B * L), rel=1e-5)
-    assert 0.0 <= logs["token_acc"].item() <= 1.0
+    assert 0.0 <= logs["token_acc"][0].item() <= 1.0
 
 
 @pytest.mark.parametrize("conv_kernel", [0, 3], ids=["attention", "conv"])
