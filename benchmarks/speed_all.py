@@ -1,4 +1,4 @@
-"""Training and sampling speed of every method (ARM, MDLM, FlexMDM, LoFlexMDM, Insertion Process) at two sizes, on star-easy rows.
+"""Training and sampling speed of every method (ARM, MDLM, HDLM, FlexMDM, LoFlexMDM, Insertion Process) at two sizes, on star-easy rows.
 
 For each (method, size), in a fresh subprocess (so that its peak memory is its own):
 
@@ -7,8 +7,9 @@ For each (method, size), in a fresh subprocess (so that its peak memory is its o
 * sampling: one full run for the batch; seconds per sampler step (network evaluations), sequences/s, and the
   share of the run spent outside the network forward (host-side bookkeeping of the sampler).
 
-Then, in the parent: sequences/s of each method against ARM with its KV cache (ratios), and ARM decoding of
-128-token sequences with vs without the cache.
+Then, in the parent: sequences/s of each method against ARM with its KV cache (ratios), and ARM and HDLM
+decoding of 128-token sequences with vs without their caches. HDLM's ``steps`` are ticks per block: the
+per-method runs use ``steps // 4`` per block (star-easy rows end in about four generated blocks of 4).
 
 Run: ``python benchmarks/speed_all.py [--threads 2] [--sizes 2x128,4x256] [--repeats 5]``
 """
@@ -30,14 +31,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import count_flops, matmul_peak_flops, median_seconds
 
 from insertion_diffusion.data.star import StarGraphDataModule
-from insertion_diffusion.models import ARM, MDLM, FlexMDM, InsertionProcess, LoFlexMDM
+from insertion_diffusion.models import ARM, HDLM, MDLM, FlexMDM, InsertionProcess, LoFlexMDM
 from insertion_diffusion.models.ip import IPSamplerConfig
 from insertion_diffusion.nn.transformer import TransformerConfig
-from insertion_diffusion.sampling import ARSamplerConfig, MDLMSamplerConfig, SamplerConfig
+from insertion_diffusion.sampling import ARSamplerConfig, HDLMSamplerConfig, MDLMSamplerConfig, SamplerConfig
 from insertion_diffusion.sampling.autoregressive import autoregressive_decode
+from insertion_diffusion.sampling.hyperschedule import hyperschedule_sample
 from insertion_diffusion.tokenizers import IntegerTokenizer
 
-METHODS = ("arm", "mdlm", "flexmdm", "loflexmdm", "ip")
+METHODS = ("arm", "mdlm", "hdlm", "flexmdm", "loflexmdm", "ip")
 STEPLESS = ("arm", "ip")  # samplers whose number of network passes follows the sequence, not a setting
 
 
@@ -53,6 +55,8 @@ def build(method: str, layers: int, width: int, tok, max_length: int, steps: int
         return ARM(tok, max_length, backbone=cfg, sampler=ARSamplerConfig(top_k=1))
     if method == "mdlm":
         return MDLM(tok, max_length, backbone=cfg, sampler=MDLMSamplerConfig(steps=steps, top_k=1, cache=False))
+    if method == "hdlm":
+        return HDLM(tok, max_length, backbone=cfg, sampler=HDLMSamplerConfig(steps=max(1, steps // 4), top_k=1))
     if method == "flexmdm":
         return FlexMDM(tok, max_length, backbone=cfg, sampler=SamplerConfig(steps=steps, top_k=1))
     order = TransformerConfig(num_layers=max(1, layers // 2), d_model=width, num_heads=4, d_cond=min(128, width),
@@ -115,15 +119,16 @@ def one(method: str, layers: int, width: int, batch_size: int, steps_list: list[
            "mfu": flops / sec / peak, "peak_gflops": peak / 1e9, "sampling": []}
 
     model.eval()
-    # The network: model.forward (transformer + heads); ARM's cached path runs the transformer's
-    # forward_cached and the LM head directly.
+    # The network: model.forward (transformer + heads); the cached paths of ARM and HDLM run the transformer's
+    # forward_cached and the output head directly.
     timers = [ForwardTimer(model.net if method == "ip" else model)]  # IP's policy pass is its transformer + heads
-    if method == "arm":
-        timers += [ForwardTimer(model.net, "forward_cached"), ForwardTimer(model.lm_head)]
+    if method in ("arm", "hdlm"):  # cached samplers: the transformer's forward_cached and the output head
+        head = model.lm_head if method == "arm" else model.token_head
+        timers += [ForwardTimer(model.net, "forward_cached"), ForwardTimer(head)]
     gen = torch.Generator().manual_seed(0)
     for steps in steps_list if method not in STEPLESS else [None]:
         if steps is not None:
-            model.sampler_cfg.steps = steps
+            model.sampler_cfg.steps = max(1, steps // 4) if method == "hdlm" else steps
         model.sample(test_batch, gen)  # warm-up
         for tm in timers:
             tm.reset()
@@ -131,7 +136,7 @@ def one(method: str, layers: int, width: int, batch_size: int, steps_list: list[
         model.sample(test_batch, gen)
         total = time.perf_counter() - t0
         inside = sum(tm.seconds for tm in timers)
-        n_eval = timers[1].calls if method == "arm" else timers[0].calls
+        n_eval = timers[1].calls if method in ("arm", "hdlm") else timers[0].calls
         out["sampling"].append({
             "steps": steps, "seconds": total, "network_calls": n_eval, "seq_per_s": test_batch["input_ids"].shape[0] / total,
             "step_s": total / max(1, n_eval), "outside_forward": 1.0 - inside / total,
@@ -160,6 +165,33 @@ def arm_cache_ratio(length: int, vocab: int, batch_size: int, layers: int, width
 
         res.append(median_seconds(run, 3, warmup=1))
     return res[0], res[1]
+
+
+def hdlm_cache_ratio(length: int, vocab: int, batch_size: int, layers: int, width: int, block_size: int = 4,
+                     ticks: int = 4) -> tuple[float, float, int, int]:
+    """HDLM sampling of ``length`` tokens after a one-token prompt, with the KV cache of finished blocks and with
+    the prefix re-run every tick (EOS and PAD banned so every row runs the full length): seconds each, and the
+    columns each ran through the network."""
+    tok = IntegerTokenizer(vocab)
+    torch.manual_seed(0)
+    cfg = TransformerConfig(num_layers=layers, d_model=width, num_heads=4, dropout=0.0, absolute_positions=True)
+    model = HDLM(tok, length + 1, backbone=cfg, block_size=block_size,
+                 sampler=HDLMSamplerConfig(steps=ticks, top_k=1, confidence="top_prob")).eval()
+    x = torch.full((batch_size, length + 1), tok.mask_id)
+    x[:, 0] = tok.bos_id
+    region = torch.ones_like(x, dtype=torch.bool)
+    region[:, 0] = False
+    banned = (tok.mask_id, tok.bos_id, tok.eos_id, tok.pad_id)
+    res, cols = [], []
+    for use_cache in (True, False):
+        def run(use_cache=use_cache):
+            out, stats = hyperschedule_sample(model.window_fn(use_cache), x, region, model.annealing, model.sampler_cfg,
+                                              (tok.eos_id, tok.pad_id), banned)
+            cols.append(stats.columns)
+            return out
+
+        res.append(median_seconds(run, 3, warmup=1))
+    return res[0], res[1], cols[0], cols[-1]
 
 
 def main() -> None:
@@ -213,9 +245,14 @@ def main() -> None:
     with_c, without = arm_cache_ratio(128, 40, args.batch_size, 4, 256)
     print(f"\nARM 4x256, 128-token sequences, batch {args.batch_size}: cache {with_c:.2f} s, recompute {without:.2f} s "
           f"-> KV cache x{without / with_c:.2f}")
+    h_c, h_r, cols_c, cols_r = hdlm_cache_ratio(128, 40, args.batch_size, 4, 256)
+    print(f"HDLM 4x256, 128-token sequences, blocks of 4, 4 ticks per block, batch {args.batch_size}: cache {h_c:.2f} s "
+          f"({cols_c} columns run), recompute {h_r:.2f} s ({cols_r} columns) -> KV cache x{h_r / h_c:.2f}")
     if args.json_out:
         with open(args.json_out, "w") as fh:
-            json.dump({"rows": rows, "arm_cache_s": with_c, "arm_recompute_s": without}, fh, indent=2)
+            json.dump({"rows": rows, "arm_cache_s": with_c, "arm_recompute_s": without, "hdlm_cache_s": h_c,
+                       "hdlm_recompute_s": h_r, "hdlm_cache_columns": cols_c, "hdlm_recompute_columns": cols_r},
+                      fh, indent=2)
 
 
 if __name__ == "__main__":

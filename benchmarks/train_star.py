@@ -35,20 +35,22 @@ from common import (
 
 from insertion_diffusion.callbacks.guards import ExceptionCheckpoint
 from insertion_diffusion.data.star import StarGraphDataModule
-from insertion_diffusion.models import ARM, MDLM, FlexMDM, LoFlexMDM
+from insertion_diffusion.models import ARM, HDLM, MDLM, FlexMDM, LoFlexMDM
 from insertion_diffusion.nn.transformer import TransformerConfig
-from insertion_diffusion.sampling import ARSamplerConfig, MDLMSamplerConfig, SamplerConfig
+from insertion_diffusion.sampling import ARSamplerConfig, HDLMSamplerConfig, MDLMSamplerConfig, SamplerConfig
 
-METHODS = {"flexmdm": FlexMDM, "loflexmdm": LoFlexMDM, "arm": ARM, "mdlm": MDLM}
+METHODS = {"flexmdm": FlexMDM, "loflexmdm": LoFlexMDM, "arm": ARM, "mdlm": MDLM, "hdlm": HDLM}
 
 
 def make_sampler(method: str, steps: int, confidence: str, integrate_hazard: bool = False):
-    """Greedy decoding for every method; ``steps`` and ``confidence`` apply to the diffusion samplers,
-    ``integrate_hazard`` to the insertion models' tau-leaping."""
+    """Greedy decoding for every method; ``steps`` and ``confidence`` apply to the diffusion samplers (for HDLM
+    ``steps`` counts ticks per block), ``integrate_hazard`` to the insertion models' tau-leaping."""
     if method == "arm":
         return ARSamplerConfig(top_k=1)
     if method == "mdlm":
         return MDLMSamplerConfig(steps=steps, top_k=1, confidence=confidence)
+    if method == "hdlm":
+        return HDLMSamplerConfig(steps=steps, top_k=1, confidence=confidence)
     return SamplerConfig(steps=steps, top_k=1, confidence=confidence, integrate_hazard=integrate_hazard)
 
 
@@ -59,11 +61,12 @@ STAR_CURVE_KEYS = ("train/loss", "val/loss", "val/exact_match", "val/token_accur
 # Flags only some methods read; one set for another method is refused. The sampler flags (--val-steps,
 # --test-steps, --confidence) stay allowed for ARM, which decodes greedily one token at a time and ignores them,
 # so that one command line can loop over all four methods.
-LOFLEX, INSERTION = ("loflexmdm",), ("flexmdm", "loflexmdm")
+LOFLEX, INSERTION, HYPER = ("loflexmdm",), ("flexmdm", "loflexmdm"), ("hdlm",)
 METHOD_FLAGS = {
     "order_layers": LOFLEX, "order_time_conditioning": LOFLEX, "reg_weight": LOFLEX, "no_pathwise": LOFLEX,
     "advantage": LOFLEX, "shape_a": LOFLEX, "order_insert_weight": LOFLEX,
     "reg_frame": LOFLEX, "unmasking_schedule": ("flexmdm",), "insert_weight": INSERTION, "init_generator": INSERTION,
+    "block_size": HYPER, "window": HYPER, "hybrid_eps": HYPER,
 }
 
 
@@ -96,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="FlexMDM or LoFlexMDM: start the generator (backbone, token head, gap head) from this FlexMDM "
                          "checkpoint of the same size, with a fresh optimiser; for LoFlexMDM, a = 1 and b = 1 make "
                          "the two parameterisations coincide with FlexMDM's linear schedules")
+    ap.add_argument("--block-size", type=int, default=None, help="HDLM: columns per block (default 4)")
+    ap.add_argument("--window", type=int, default=None, help="HDLM: blocks partly noised at once (default 1)")
+    ap.add_argument("--hybrid-eps", type=float, default=None, help="HDLM: epsilon-hybrid corruption (default 0)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=500)
@@ -106,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ema-decay", type=float, default=None,
                     help="evaluate an exponential moving average of the weights (Lightning EMAWeightAveraging)")
     ap.add_argument("--val-every", type=int, default=1000)
-    ap.add_argument("--val-steps", type=int, default=64, help="sampler steps during validation (not ARM)")
-    ap.add_argument("--test-steps", type=int, default=128, help="sampler steps at test (not ARM)")
+    ap.add_argument("--val-steps", type=int, default=64,
+                    help="sampler steps during validation (not ARM; HDLM: ticks per block)")
+    ap.add_argument("--test-steps", type=int, default=128, help="sampler steps at test (not ARM; HDLM: ticks per block)")
     ap.add_argument("--confidence", default="top_prob")
     ap.add_argument("--num-test", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads per process")
@@ -144,6 +151,8 @@ def main() -> None:
                      pathwise=not args.no_pathwise, advantage_normalization=args.advantage,
                      a=args.shape_a, order_insert_weight=args.order_insert_weight, reg_frame=args.reg_frame,
                      generator_states=args.generator_states)
+    if args.method == "hdlm":
+        extra.update(block_size=args.block_size or 4, window=args.window or 1, hybrid_eps=args.hybrid_eps or 0.0)
     model = METHODS[args.method](
         dm.tokenizer, dm.max_length, backbone=backbone, lr=args.lr, warmup_steps=args.warmup, lr_schedule=args.lr_schedule,
         sampler=make_sampler(args.method, args.val_steps, args.confidence, args.integrate_hazard), **extra,
