@@ -44,3 +44,29 @@ def instantiate(monkeypatch: pytest.MonkeyPatch, args: list[str]):
     monkeypatch.setattr("sys.argv", ["insertion-diffusion"])  # environment.md pitfall 7
     cli_mod.main(args)
     return captured["cli"]
+
+
+def fit_test_predict(config: Path, run_name: str, method: str, small: list[str], tmp_path: Path,
+                     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> list[dict]:
+    """``fit`` a shipped star config on 64 tiny rows with ``small`` overrides, then ``test`` and ``predict`` from
+    the run's own config and last checkpoint, in this process. Checks the checkpoint, the method in the saved
+    config, the test metric and one prediction per test row; returns the prediction records."""
+    import json
+
+    monkeypatch.setattr("sys.argv", ["insertion-diffusion"])
+    monkeypatch.chdir(tmp_path)
+    common = ["--data.num_train", "64", "--data.num_val", "4", "--data.num_test", "6", "--data.data_dir",
+              str(tmp_path / "data"), "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.logger.init_args.version", "v0"]
+    cli_mod.main(["fit", "--config", str(config), *common, *small])
+    run = tmp_path / "runs" / run_name / "v0"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file() and method in (run / "config.yaml").read_text()
+    cli_mod.main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt)])
+    assert "test/exact_match" in capsys.readouterr().out
+    out = tmp_path / "preds.jsonl"
+    cli_mod.main(["predict", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt),
+                  "--predictions.output_path", str(out)])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 6 and all(r["provenance"]["method"] == method for r in records)
+    return records

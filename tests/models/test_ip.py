@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import fit_test_predict
 from model_rows import mixed_rows
 
-from insertion_diffusion.cli import main
 from insertion_diffusion.models.base import eval_noise
 from insertion_diffusion.models.ip import InsertionProcess, IPSamplerConfig
 from insertion_diffusion.nn.transformer import TransformerConfig
@@ -312,22 +311,7 @@ def test_bad_settings_name_the_key():
 
 def test_cli_fit_test_predict_with_the_shipped_config(tmp_path, monkeypatch, capsys):
     config = Path(__file__).resolve().parents[2] / "configs" / "star" / "easy_ip.yaml"
-    monkeypatch.setattr("sys.argv", ["insertion-diffusion"])
-    monkeypatch.chdir(tmp_path)
-    common = ["--data.num_train", "64", "--data.num_val", "4", "--data.num_test", "6", "--data.data_dir",
-              str(tmp_path / "data"), "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.logger.init_args.version", "v0"]
     small = ["--model.backbone.num_layers", "1", "--model.backbone.d_model", "32", "--model.order_backbone.num_layers",
              "1", "--model.order_backbone.d_model", "16", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2"]
-    main(["fit", "--config", str(config), *common, *small])
-    run = tmp_path / "runs" / "star-easy-ip" / "v0"
-    ckpt = run / "checkpoints" / "last.ckpt"
-    assert ckpt.is_file() and "InsertionProcess" in (run / "config.yaml").read_text()
-    main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt)])
-    assert "test/exact_match" in capsys.readouterr().out
-    out = tmp_path / "preds.jsonl"
-    main(["predict", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt), "--predictions.output_path",
-          str(out)])
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(records) == 6 and all(r["provenance"]["method"] == "InsertionProcess" for r in records)
+    records = fit_test_predict(config, "star-easy-ip", "InsertionProcess", small, tmp_path, monkeypatch, capsys)
     assert all(r["provenance"]["sampler"]["top_k"] == 1 for r in records)
