@@ -59,7 +59,8 @@ class HDLM(GenerativeModule):
         hybrid_eps: probability that an unmasked column is corrupted to a random token in training (0: pure
             absorbing noise, the NELBO).
         hybrid_weight: ``lambda``, the weight of the unmasked columns' loss when ``hybrid_eps > 0``.
-        time_eps: training clocks are stratified over ``[time_eps, 1 - time_eps]`` of each row's clock range.
+        time_eps: training clocks are stratified over ``[time_eps, 1 - time_eps]`` of each row's clock range, and
+            a block's NELBO weight is capped at its value at local time ``1 - time_eps``.
         sampler: block sampler settings.
         **kwargs: optimiser and evaluation settings of :class:`GenerativeModule`.
     """
@@ -149,12 +150,13 @@ class HDLM(GenerativeModule):
         u = lo + stratified_times(B, self.time_eps, ids.device, generator) * span
         clean_prob = self.annealing.clean_prob(u, blocks)
         tok = self.tokenizer
-        x, masked, corrupted = hybrid_noise(
-            ids, region, clean_prob, eps, tok.mask_id, (tok.num_special, tok.vocab_size), generator
-        )
+        # Corruption draws EOS and PAD too: a wrongly placed end is the sampler's costliest mistake (it cuts the
+        # row), so the model must also learn to spot one.
+        candidates = torch.cat([torch.tensor([tok.eos_id, tok.pad_id]), torch.arange(tok.num_special, tok.vocab_size)])
+        x, masked, corrupted = hybrid_noise(ids, region, clean_prob, eps, tok.mask_id, candidates, generator)
         logits = self(x)
         ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(B, W)
-        w_mask = span[:, None] * self.annealing.elbo_weights(u, blocks)
+        w_mask = span[:, None] * self.annealing.elbo_weights(u, blocks, tau_max=1.0 - self.time_eps)
         nelbo = (torch.where(masked, w_mask * ce, torch.zeros_like(ce))).sum(1)
         rows = nelbo
         if eps > 0.0:

@@ -8,10 +8,11 @@ columns (block ``k`` holds columns ``k*b .. k*b+b-1``) and the blocks are anneal
 
 and each of its positions is clean with probability ``F(tau_k(u))`` (``F`` the unmasking schedule's CDF,
 ``t = 0`` masked, ``t = 1`` clean, as everywhere in the package). ``window = 1`` finishes one block before the
-next one starts (block-autoregressive); a window of ``w`` blocks keeps ``w`` blocks partly noised at once; a
-window as wide as the sequence comes close to MDLM's uniform schedule. The clock runs over
-``[first_block, last_block + window]``: before ``first_block`` nothing is masked, after the end everything is
-clean.
+next one starts (block-autoregressive); a window of ``w`` blocks keeps ``w`` blocks partly noised at once, each
+block ``1/w`` of the way behind the one before it (a ramp); only a window much wider than the row puts every
+block at nearly the same time, as MDLM's single schedule does. The clock runs over
+``[first_block, last_block + window]``: before ``first_block`` none of the row's generated blocks has started
+(all masked, no rate yet), after the end everything is clean.
 
 NELBO. Each position's clean time is independent, with CDF ``F(tau_k(u))`` in ``u``. The continuous-time bound
 of absorbing diffusion with per-position schedules is
@@ -19,7 +20,10 @@ of absorbing diffusion with per-position schedules is
     E_{u ~ U[lo, hi]} [ (hi - lo) * sum_{i masked} (dtau_i/du) * h(tau_i) * (-log p_theta(x_i | z_u)) ],
 
 with ``h = F' / (1 - F)`` and ``dtau/du = 1/window`` inside the window, 0 outside it (a block that is still fully
-masked has no rate yet). :func:`elbo_weights` gives the bracket's per-position factor.
+masked has no rate yet). :func:`elbo_weights` gives the bracket's per-position factor. ``h`` diverges as a block's
+``tau`` reaches 1, which every block but the last does in the middle of the clock range; ``tau_max`` caps it
+there, as MDLM's ``time_eps`` caps ``1/t`` at the ends (the weight then never exceeds ``h(tau_max)/window``, and
+the dropped mass is ``(1 - tau_max)/2`` per column, for the linear schedule).
 
 epsilon-hybrid noise (the paper's hybrid process): each position left unmasked is replaced by a uniform random
 token with probability ``eps``, so the model learns to recognise and fix wrong tokens (the sampler's adaptive
@@ -72,12 +76,12 @@ class BlockAnnealing:
         """``F(tau)`` (B, W): the probability that a column is clean at clock ``u``."""
         return self.schedule.cdf(self.local_time(u, blocks))
 
-    def elbo_weights(self, u: Tensor, blocks: Tensor) -> Tensor:
-        """``(dtau/du) * h(tau)`` (B, W): the NELBO weight of a masked column at clock ``u`` (0 outside the
-        window, where the column's rate is zero)."""
+    def elbo_weights(self, u: Tensor, blocks: Tensor, tau_max: float = 1.0 - 1e-6) -> Tensor:
+        """``(dtau/du) * h(min(tau, tau_max))`` (B, W): the NELBO weight of a masked column at clock ``u`` (0
+        outside the window, where the column's rate is zero)."""
         tau = self.local_time(u, blocks)
         inside = (tau > 0.0) & (tau < 1.0)
-        h = self.schedule.hazard(tau.clamp(1e-6, 1.0 - 1e-6)) / self.window
+        h = self.schedule.hazard(tau.clamp(1e-6, min(tau_max, 1.0 - 1e-6))) / self.window
         return torch.where(inside, h, torch.zeros_like(h))
 
     def clock_range(self, first_block: Tensor, width: int) -> tuple[Tensor, float]:
@@ -93,7 +97,7 @@ def hybrid_noise(
     clean_prob: Tensor,
     eps: float,
     mask_id: int,
-    token_range: tuple[int, int],
+    candidates: Tensor,
     generator: NoiseSource = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Mask, then corrupt, the generated columns of ``ids``.
@@ -104,7 +108,7 @@ def hybrid_noise(
         clean_prob: (B, W) probability of a column being unmasked (``F(tau)``).
         eps: probability that an unmasked column is replaced by a uniform random token (0: pure absorbing).
         mask_id: the MASK id.
-        token_range: ``[lo, hi)`` ids that corruption draws from.
+        candidates: (K,) long, the ids corruption draws from (uniformly).
         generator: randomness (a ``torch.Generator``, None, or a ``RowRNG`` over the rows).
 
     Returns:
@@ -115,9 +119,9 @@ def hybrid_noise(
     corrupted = torch.zeros_like(masked)
     x = torch.where(masked, torch.full_like(ids, mask_id), ids)
     if eps > 0.0:
-        lo, hi = token_range
         corrupted = region & ~masked & (uniform(ids.shape, generator, ids.device, "corrupt") < eps)
         draw = uniform(ids.shape, generator, ids.device, "corrupt-token")
-        random_ids = (lo + (draw * (hi - lo)).long()).clamp_max(hi - 1)
+        k = candidates.numel()
+        random_ids = candidates.to(ids.device)[(draw * k).long().clamp_max(k - 1)]
         x = torch.where(corrupted, random_ids, x)
     return x, masked, corrupted

@@ -177,7 +177,9 @@ def hyperschedule_sample(
         F0, F1 = annealing.schedule.cdf(tau0), annealing.schedule.cdf(tau1)
         p = ((F1 - F0) / (1.0 - F0).clamp_min(1e-12)).clamp(0.0, 1.0)
         m = masked[:, win]
-        u = uniform((B, W), generator, device, f"reveal/{i}")[:, win]
+        # Streams are named by the absolute tick and drawn over every column, then cut to the window: a row's
+        # noise then depends on the row alone, not on which other rows (and shortest prompt) share its batch.
+        u = uniform((B, W), generator, device, f"reveal/{t0}")[:, win]
         reveal = m & (u < p[None])
         if cfg.confidence != "none":
             # Keep each row's number of reveals, give them to its most confident masked columns in the window.
@@ -187,7 +189,12 @@ def hyperschedule_sample(
             rank = score.argsort(1, descending=True).argsort(1)
             reveal = candidates & (rank < k)
         reveal = reveal | (m & (tau1 >= 1.0)[None])
-        tokens = sample_tokens(logits, cfg.top_k, cfg.top_p, cfg.temperature, generator, f"tokens/{i}")
+        if cfg.top_k == 1 or cfg.temperature == 0.0:
+            tokens = logits.argmax(-1)
+        else:
+            padded = logits.new_zeros(B, W, logits.shape[-1])
+            padded[:, win] = logits
+            tokens = sample_tokens(padded, cfg.top_k, cfg.top_p, cfg.temperature, generator, f"tokens/{t0}")[:, win]
         current = x[:, win]
         new = torch.where(reveal, tokens, current)
         if cfg.correction_threshold is not None:

@@ -112,12 +112,13 @@ def test_hybrid_noise_masks_and_corrupts_the_generated_columns_only():
     region = torch.zeros(400, 10, dtype=torch.bool)
     region[:, 3:] = True
     clean = torch.full((400, 10), 0.25)
-    x, masked, corrupted = hybrid_noise(ids, region, clean, 0.2, MASK, (4, 14), generator=RowRNG(0, torch.arange(400)))
+    candidates = torch.tensor([EOS, PAD, *range(4, 14)])
+    x, masked, corrupted = hybrid_noise(ids, region, clean, 0.2, MASK, candidates, generator=RowRNG(0, torch.arange(400)))
     assert torch.equal(x[:, :3], ids[:, :3]) and not (masked | corrupted)[:, :3].any()
     assert (x[masked] == MASK).all() and not (masked & corrupted).any()
     assert abs(masked[:, 3:].float().mean().item() - 0.75) < 0.02
     assert abs(corrupted[:, 3:].sum().item() / (~masked[:, 3:]).sum().item() - 0.2) < 0.03
-    assert ((x[corrupted] >= 4) & (x[corrupted] < 14)).all()
+    assert torch.isin(x[corrupted], candidates).all() and (x[corrupted] == EOS).any() and (x[corrupted] == PAD).any()
     kept = region & ~masked & ~corrupted
     assert torch.equal(x[kept], ids[kept])
 
@@ -166,9 +167,12 @@ def test_sequence_nll_is_seeded():
     assert eval_noise(model, b) is not None
 
 
-@pytest.mark.parametrize("window,confidence", [(1, "top_prob"), (2, "none")])
-def test_cached_sampler_equals_recomputation_and_computes_fewer_columns(window, confidence):
-    model = tiny(window=window, sampler=HDLMSamplerConfig(steps=3, confidence=confidence, top_k=None))
+@pytest.mark.parametrize("window,confidence,conv_kernel,correction", [
+    (1, "top_prob", 0, None), (2, "none", 0, None), (2, "top_prob", 3, 0.3), (3, "none", 3, None),
+])
+def test_cached_sampler_equals_recomputation_and_computes_fewer_columns(window, confidence, conv_kernel, correction):
+    sampler = HDLMSamplerConfig(steps=3, confidence=confidence, top_k=None, correction_threshold=correction)
+    model = tiny(window=window, sampler=sampler, conv_kernel=conv_kernel, hybrid_eps=0.1 if correction else 0.0)
     b = batch()
     cached, _ = model.sample(b, generator=RowRNG(5, b["index"]), use_cache=True)
     stats_cached = model.last_sample_stats
@@ -182,6 +186,7 @@ def test_cached_sampler_equals_recomputation_and_computes_fewer_columns(window, 
     ended = ends.any(1)
     assert (cached.gather(1, first_end[:, None].clamp_max(MAXLEN - 1))[ended] == EOS).all()
     assert stats_cached.network_calls == stats_full.network_calls
+    assert stats_cached.corrections == stats_full.corrections and (stats_cached.corrections > 0) == bool(correction)
     assert stats_cached.columns < stats_full.columns
 
 
@@ -203,6 +208,17 @@ def test_samples_keep_prompts_end_once_and_never_leave_masks():
     sub = {k: v[2:4] for k, v in b.items()}
     part, _ = model.sample(sub, generator=RowRNG(1, sub["index"]))
     assert torch.equal(part, out[2:4])
+
+
+def test_a_rows_sample_does_not_depend_on_its_batch():
+    # The batch's shortest prompt sets where the clock starts; the noise must not depend on it.
+    model = tiny(window=2, sampler=HDLMSamplerConfig(steps=3, top_k=None))
+    b = batch()
+    full, _ = model.sample(b, generator=RowRNG(1, b["index"]))
+    for rows in ([0], [0, 2, 5], [3, 1]):
+        sub = {k: v[rows] for k, v in b.items()}
+        part, _ = model.sample(sub, generator=RowRNG(1, sub["index"]))
+        assert torch.equal(part, full[rows]), rows
 
 
 def test_greedy_block_size_one_sampler_is_greedy_decoding_with_a_mask_at_the_cursor():
