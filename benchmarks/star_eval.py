@@ -10,9 +10,9 @@ import torch
 from common import with_setting
 
 from insertion_diffusion.data.star import StarGraphDataModule
-from insertion_diffusion.models import ARM, MDLM, FlexMDM, LoFlexMDM
+from insertion_diffusion.models import ARM, HDLM, MDLM, FlexMDM, InsertionProcess, LoFlexMDM
 
-MODELS = {"FlexMDM": FlexMDM, "LoFlexMDM": LoFlexMDM, "MDLM": MDLM, "ARM": ARM}
+MODELS = {"FlexMDM": FlexMDM, "LoFlexMDM": LoFlexMDM, "MDLM": MDLM, "ARM": ARM, "HDLM": HDLM, "InsertionProcess": InsertionProcess}
 
 
 def eval_parser(description: str, eval_batch_size: int = 256) -> argparse.ArgumentParser:
