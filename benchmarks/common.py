@@ -183,6 +183,9 @@ def add_recipe_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--integrate-hazard", action="store_true",
                     help="sampler: exact per-step hazard integrals (needed by early-insertion schedules, poly:<p<1>)")
     ap.add_argument("--order-lr", type=float, default=None, help="LoFlexMDM order-network learning rate")
+    ap.add_argument("--shape-a", type=float, default=1.0,
+                    help="LoFlexMDM: the shared Kumaraswamy shape a (a < 1 inserts early, like poly:<a>; needs "
+                         "--integrate-hazard)")
     ap.add_argument("--generator-states", type=int, default=2,
                     help="LoFlexMDM: partial states per row that train the generator (2: the method; 1: faster)")
     ap.add_argument("--devices", type=int, default=1,
@@ -194,6 +197,7 @@ RECIPE_METHODS: dict[str, tuple[str, ...]] = {
     "insertion_schedule": ("flexmdm",),
     "integrate_hazard": ("flexmdm", "loflexmdm"),
     "order_lr": ("loflexmdm",),
+    "shape_a": ("loflexmdm",),
     "generator_states": ("loflexmdm",),
 }
 

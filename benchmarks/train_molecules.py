@@ -122,7 +122,7 @@ def main() -> None:
     if args.method == "flexmdm":
         extra["insertion_schedule"] = args.insertion_schedule
     if args.method == "loflexmdm":
-        extra.update(order_lr=args.order_lr, generator_states=args.generator_states)
+        extra.update(order_lr=args.order_lr, generator_states=args.generator_states, a=args.shape_a)
         extra["order_backbone"] = TransformerConfig(num_layers=max(1, args.layers // 2), d_model=args.width,
                                                     num_heads=4, d_cond=min(128, args.width), dropout=0.0,
                                                     absolute_positions=True, conv_kernel=args.conv_kernel)

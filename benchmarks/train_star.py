@@ -64,7 +64,7 @@ STAR_CURVE_KEYS = ("train/loss", "val/loss", "val/exact_match", "val/token_accur
 LOFLEX, INSERTION, HYPER = ("loflexmdm",), ("flexmdm", "loflexmdm"), ("hdlm",)
 METHOD_FLAGS = {
     "order_layers": LOFLEX, "order_time_conditioning": LOFLEX, "reg_weight": LOFLEX, "no_pathwise": LOFLEX,
-    "advantage": LOFLEX, "shape_a": LOFLEX, "order_insert_weight": LOFLEX,
+    "advantage": LOFLEX, "order_insert_weight": LOFLEX,
     "reg_frame": LOFLEX, "unmasking_schedule": ("flexmdm",), "insert_weight": INSERTION, "init_generator": INSERTION,
     "block_size": HYPER, "window": HYPER, "hybrid_eps": HYPER,
 }
@@ -87,9 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--reg-weight", type=float, default=1.0, help="LoFlexMDM: weight of each schedule regulariser")
     ap.add_argument("--no-pathwise", action="store_true", help="LoFlexMDM: REINFORCE and regularisers only")
     ap.add_argument("--advantage", default="per_mask", help="LoFlexMDM advantage_normalization")
-    ap.add_argument("--shape-a", type=float, default=1.0,
-                    help="LoFlexMDM: the shared Kumaraswamy shape a (a < 1 inserts early, like poly:<a>; needs "
-                         "--integrate-hazard)")
     ap.add_argument("--reg-frame", default="relative", choices=("relative", "absolute"),
                     help="LoFlexMDM: regularise towards F(t; a, 1) (relative) or the uniform law in t (absolute)")
     ap.add_argument("--order-insert-weight", type=float, default=None,

@@ -203,6 +203,7 @@ def test_recipe_arguments_refuse_zero_processes_and_an_uneven_batch():
         ("train_star", "--method mdlm --order-insert-weight 1", "--order-insert-weight applies to --method loflexmdm only"),
         ("train_molecules", "--method mdlm --order-lr 1e-4", "--order-lr applies to --method loflexmdm only, not --method mdlm"),
         ("train_molecules", "--method arm --insertion-schedule cosine", "--insertion-schedule applies to --method flexmdm only"),
+        ("train_molecules", "--method flexmdm --shape-a 0.25", "--shape-a applies to --method loflexmdm only"),
     ],
 )
 def test_training_scripts_refuse_a_flag_their_method_would_ignore(script, argv, message):
