@@ -48,7 +48,7 @@ def read_series(paths: list[str], key: str) -> tuple[list[float], list[float]]:
 
 
 def parse_run(text: str) -> tuple[str, list[str]]:
-    label, sep, files = text.partition("=")
+    label, sep, files = text.rpartition("=")  # the label may hold "=" ("a = 0.25"); the paths may not
     paths = [p for p in files.split(",") if p]
     if not sep or not label or not paths:
         raise SystemExit(f"--run {text!r}: expected LABEL=path/curve.csv[,path/curve.csv...]")

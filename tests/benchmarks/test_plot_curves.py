@@ -25,11 +25,11 @@ def test_continued_run_is_joined_in_order_and_repeated_or_nan_rows_are_dropped(t
     assert values == [0.1, 0.3, 0.4]
 
 
-def test_writes_a_png_with_one_line_per_run(tmp_path):
+def test_writes_a_png_with_one_line_per_run_and_labels_may_hold_an_equals_sign(tmp_path):
     a = write_csv(tmp_path / "a.csv", [(1000, 0.1), (2000, 0.2)])
     b = write_csv(tmp_path / "b.csv", [(1000, 0.0), (2000, 0.05)])
     out = tmp_path / "img" / "curves.png"
-    plot_curves.main(["--run", f"A={a}", "--run", f"B={b}", "--out", str(out)])
+    plot_curves.main(["--run", f"A, a = 0.25={a}", "--run", f"B={b}", "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "img" / "curves.png.tmp.png").exists()
 
