@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import with_setting
 
+from insertion_diffusion.chem.diagnose import INVALID_REASONS
 from insertion_diffusion.data.molecules import MoleculeDataModule
 from insertion_diffusion.models import ARM, MDLM, FlexMDM, LoFlexMDM
 
@@ -71,6 +72,7 @@ def main() -> None:
     # statistics (ChemNet over the test rows' SMILES) are computed at the first setting only. Both sets are given
     # here, because the model's setup() builds new ones whenever val_metrics is missing.
     model.val_metrics, model.test_metrics = dm.make_metrics("val/"), dm.make_metrics("test/")
+    reasons: list[tuple[str, dict]] = []
     for text, cfg in zip(args.settings, configs):
         model.sampler_cfg = cfg
         trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -79,6 +81,12 @@ def main() -> None:
         res = trainer.test(model, datamodule=dm, verbose=False)[0]
         cells = [f"{res.get('test/' + c, float('nan')):.4f}" for c in COLUMNS]
         print(f"| {text} | " + " | ".join(cells) + f" | {time.time() - t0:.0f} |", flush=True)
+        reasons.append((text, res))
+    # Why the invalid rows are invalid (fractions of all rows; they add up to 1 - validity).
+    print("\n| setting | " + " | ".join(f"invalid: {r}" for r in INVALID_REASONS) + " |")
+    print("|---" * (len(INVALID_REASONS) + 1) + "|")
+    for text, res in reasons:
+        print(f"| {text} | " + " | ".join(f"{res.get('test/invalid_' + r, float('nan')):.4f}" for r in INVALID_REASONS) + " |")
 
 
 if __name__ == "__main__":

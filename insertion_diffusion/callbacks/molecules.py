@@ -18,11 +18,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from insertion_diffusion.chem import scoring
 from insertion_diffusion.chem.convert import REPRESENTATIONS
+from insertion_diffusion.chem.diagnose import diagnose
 from insertion_diffusion.metrics.molecules import decode_rows
 
 __all__ = ["CSV_COLUMNS", "MoleculeSampleLogger"]
 
-CSV_COLUMNS = ("index", "text", "smiles", "smiles_genmol", "valid_strict", "valid_genmol", "qed", "sa", "length")
+CSV_COLUMNS = (
+    "index", "text", "smiles", "smiles_genmol", "valid_strict", "invalid_reason", "valid_genmol", "qed", "sa", "length",
+)
 """Columns of the samples CSV: dataset row index, the generated text (in the data's representation), the strict
 canonical SMILES (empty if invalid), the GenMol-decoded canonical SMILES (empty if invalid), strict and GenMol
 validity (1/0), QED and SA of the strict molecule (empty if invalid) and the generated length in tokens."""
@@ -176,6 +179,7 @@ class MoleculeSampleLogger(Callback):
                 "smiles": s or "",
                 "smiles_genmol": g or "",
                 "valid_strict": int(s is not None),
+                "invalid_reason": "" if s is not None else diagnose(t, representation),
                 "valid_genmol": int(g is not None),
                 "qed": float(q),
                 "sa": float(a),
@@ -233,6 +237,7 @@ class MoleculeSampleLogger(Callback):
                             r["smiles"],
                             r["smiles_genmol"],
                             r["valid_strict"],
+                            r["invalid_reason"],
                             r["valid_genmol"],
                             _fmt(r["qed"]),
                             _fmt(r["sa"]),

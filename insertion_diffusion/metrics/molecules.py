@@ -21,6 +21,10 @@ key                    definition
 ``fcd``, ``fcd_n``     FCD of ``V_strict`` (duplicates kept) against the reference; ``fcd_n = |V_strict|``
 ``fcd_ref_n``          size of the FCD reference sample (``nan`` for precomputed statistics that do not say)
 ``num_generated``      ``G``
+``invalid_<reason>``   rows whose strict decoding fails for that reason / ``G``; the reasons (``empty``,
+                       ``syntax``, ``branch``, ``ring``, ``valence``, ``aromaticity``, ``other``; see
+                       :mod:`insertion_diffusion.chem.diagnose`) partition the invalid rows, so they add up
+                       to ``1 - validity``
 =====================  =================================================================================
 
 Every strict set metric has a ``_genmol`` twin computed on the GenMol-decoded molecules instead
@@ -54,6 +58,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from insertion_diffusion.chem import scoring
 from insertion_diffusion.chem.convert import REPRESENTATIONS, decode_to_smiles
+from insertion_diffusion.chem.diagnose import INVALID_REASONS, diagnose
 from insertion_diffusion.tokenizers import Tokenizer, as_tokenizer
 
 __all__ = ["MOLECULE_METRIC_KEYS", "MoleculeGenerationMetrics", "decode_rows", "decode_texts", "molecule_metrics"]
@@ -61,8 +66,8 @@ __all__ = ["MOLECULE_METRIC_KEYS", "MoleculeGenerationMetrics", "decode_rows", "
 QED_THRESHOLD = 0.6
 SA_THRESHOLD = 4.0
 # Columns of the per-row float64 state.
-_INDEX, _LEN_STRICT, _LEN_GENMOL, _QED_STRICT, _SA_STRICT, _QED_GENMOL, _SA_GENMOL = range(7)
-_NUM_COLS = 7
+_INDEX, _LEN_STRICT, _LEN_GENMOL, _QED_STRICT, _SA_STRICT, _QED_GENMOL, _SA_GENMOL, _REASON = range(8)
+_NUM_COLS = 8
 
 MOLECULE_METRIC_KEYS = (
     "num_generated",
@@ -83,6 +88,7 @@ MOLECULE_METRIC_KEYS = (
     "fcd",
     "fcd_n",
     "fcd_ref_n",
+    *(f"invalid_{reason}" for reason in INVALID_REASONS),
 )
 """Every key :class:`MoleculeGenerationMetrics` can return (novelty without a training set and FCD without a
 reference are left out)."""
@@ -127,7 +133,8 @@ def _mean(values: Iterable[float]) -> float:
 def _rows(
     texts: Sequence[str], index: Sequence[int], representation: str, n_bits: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-row states of decoded texts: float64 ``(n, 7)`` rows, the flat UTF-8 bytes of the canonical SMILES
+    """Per-row states of decoded texts: float64 ``(n, 8)`` rows (the last: the strict failure's position in
+    ``INVALID_REASONS``, -1 when valid), the flat UTF-8 bytes of the canonical SMILES
     (strict then GenMol, valid ones only, row by row) and the packed strict/GenMol fingerprints ``(n, 2 * nb)``."""
     n = len(texts)
     strict, genmol = decode_texts(texts, representation)
@@ -140,6 +147,7 @@ def _rows(
     chunks: list[bytes] = []
     for r, (s, g) in enumerate(zip(strict, genmol)):
         rows[r, _INDEX] = index[r]
+        rows[r, _REASON] = -1 if s is not None else INVALID_REASONS.index(diagnose(texts[r], representation))
         for smi, len_col, q_col, sa_col, fp_off in (
             (s, _LEN_STRICT, _QED_STRICT, _SA_STRICT, 0),
             (g, _LEN_GENMOL, _QED_GENMOL, _SA_GENMOL, nb),
@@ -322,7 +330,7 @@ class MoleculeGenerationMetrics(Metric):
     def records(self) -> list[dict[str, Any]]:
         """The (de-duplicated) rows seen so far, in gathered order: ``index``, ``smiles``/``smiles_genmol``
         (canonical or None), ``qed``/``sa``/``qed_genmol``/``sa_genmol`` and packed fingerprints ``fp``/
-        ``fp_genmol``. Call inside ``compute()`` (after the states are gathered) or in a single process."""
+        ``fp_genmol``, and ``invalid_reason`` (None, or why the strict decoding failed). Call inside ``compute()`` (after the states are gathered) or in a single process."""
         self._flush()
         rows, data, fps = self._gathered()
         nb = self.n_bits // 8
@@ -353,6 +361,7 @@ class MoleculeGenerationMetrics(Metric):
                     "sa_genmol": float(rows[r, _SA_GENMOL]),
                     "fp": fps[r, :nb],
                     "fp_genmol": fps[r, nb:],
+                    "invalid_reason": None if rows[r, _REASON] < 0 else INVALID_REASONS[int(rows[r, _REASON])],
                 }
             )
         if offset != len(data):
@@ -408,6 +417,8 @@ class MoleculeGenerationMetrics(Metric):
             "validity": _ratio(sum(r["smiles"] is not None for r in recs), generated),
             "validity_genmol": _ratio(sum(r["smiles_genmol"] is not None for r in recs), generated),
         }
+        for reason in INVALID_REASONS:
+            values[f"invalid_{reason}"] = _ratio(sum(r["invalid_reason"] == reason for r in recs), generated)
         values.update(self._set_metrics(recs, "", with_fcd=self.fcd_reference is not None))
         if self.genmol_variants:
             values.update(self._set_metrics(recs, "_genmol", with_fcd=False))

@@ -121,6 +121,7 @@ def test_tensorboard_image_histograms_and_csv(tmp_path):
     assert [r["smiles"] for r in rows] == ["CCO", "c1ccccc1", "", "CC(=O)Oc1ccccc1C(=O)O", "CCO.Cl", "O=C(O)c1ccccc1O"]
     assert rows[4]["smiles_genmol"] == "CCO"
     assert [r["valid_strict"] for r in rows] == ["1", "1", "0", "1", "1", "1"]
+    assert [r["invalid_reason"] for r in rows] == ["", "", "branch", "", "", ""]
     assert rows[2]["qed"] == "" and rows[3]["qed"] == "0.5501" and rows[3]["sa"] == "1.5800"
     assert [int(r["length"]) for r in rows] == [len(split_smiles(t)) for t in TEXTS[:6]]
     assert model.generate_calls == 2 + 2  # two batches of 4 rows per logged run (val, test)

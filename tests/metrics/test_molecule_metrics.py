@@ -15,6 +15,7 @@ from rdkit.Chem import rdFingerprintGenerator
 
 from insertion_diffusion.chem import scoring
 from insertion_diffusion.chem.convert import split_smiles
+from insertion_diffusion.chem.diagnose import INVALID_REASONS
 from insertion_diffusion.chem.tokenizer import RegexTokenizer
 from insertion_diffusion.metrics.molecules import MoleculeGenerationMetrics, molecule_metrics
 
@@ -75,7 +76,7 @@ def test_hand_computed_values():
     assert set(out) == {
         "num_generated", "validity", "validity_genmol", "uniqueness", "uniqueness_genmol", "novelty",
         "novelty_genmol", "qed", "qed_genmol", "sa", "sa_genmol", "quality", "quality_genmol", "diversity",
-        "diversity_genmol",
+        "diversity_genmol", *(f"invalid_{r}" for r in INVALID_REASONS),
     }  # fmt: skip
     strict = [s for _, s, _ in ROWS if s]  # 10 valid rows
     genmol = [g for _, _, g in ROWS if g]
@@ -84,6 +85,10 @@ def test_hand_computed_values():
     assert set(strict) == u_strict and set(genmol) == u_genmol
     assert out["num_generated"] == 13
     assert out["validity"] == f32(10 / 13) and out["validity_genmol"] == f32(10 / 13)
+    # the three invalid rows: an unclosed branch, an unclosed ring, an empty generation
+    reasons = {r: out[f"invalid_{r}"] for r in INVALID_REASONS}
+    assert reasons == {"empty": f32(1 / 13), "syntax": 0.0, "branch": f32(1 / 13), "ring": f32(1 / 13),
+                       "valence": 0.0, "aromaticity": 0.0, "other": 0.0}  # fmt: skip
     assert out["uniqueness"] == f32(8 / 10)  # ethanol x2 (+ spelling), ibuprofen x2
     assert out["uniqueness_genmol"] == f32(7 / 10)  # CCO.Cl -> ethanol is one more duplicate
     assert out["novelty"] == f32(6 / 8)  # ethanol, aspirin are training molecules
@@ -178,9 +183,11 @@ def test_empty_and_all_invalid():
     m = molecule_metrics("", TOKENIZER, "smiles", TRAIN)
     out = values(m)
     assert out["num_generated"] == 0 and out["validity"] == 0.0 and math.isnan(out["qed"])
+    assert all(out[f"invalid_{r}"] == 0.0 for r in INVALID_REASONS)
     m.update(ids(["CC(C", ""]), [], [])
     out = values(m)
     assert out["validity"] == 0.0 and out["uniqueness"] == 0.0 and out["novelty"] == 0.0
+    assert out["invalid_branch"] == 0.5 and out["invalid_empty"] == 0.5
     assert math.isnan(out["qed"]) and math.isnan(out["diversity"])
 
 
