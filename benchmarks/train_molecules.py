@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--method", default="flexmdm", choices=sorted(METHODS))
     ap.add_argument("--source", default="moses")
-    ap.add_argument("--representation", default="smiles", choices=("smiles", "safe", "bracket_safe"),
+    ap.add_argument("--representation", default="smiles", choices=("smiles", "kekule_smiles", "safe", "bracket_safe"),
                     help="what the model writes; SAFE forms are scored with lenient decoding as GenMol validity")
     ap.add_argument("--train-size", type=int, default=200_000)
     ap.add_argument("--max-steps", type=int, default=800)

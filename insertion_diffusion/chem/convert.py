@@ -1,9 +1,13 @@
 """Molecule string conversions: canonical SMILES, SAFE and bracket-SAFE, and lenient/strict decoding.
 
-Three text representations of a molecule are supported (:data:`REPRESENTATIONS`):
+Four text representations of a molecule are supported (:data:`REPRESENTATIONS`):
 
 ``smiles``
     RDKit canonical isomeric SMILES.
+``kekule_smiles``
+    The same canonical SMILES written in Kekulé form: aromatic rings as alternating single and double bonds
+    (``C1=CC=CC=C1``), no lower-case atoms. A model then never has to count aromatic atoms into a kekulisable
+    ring; RDKit perceives the aromaticity again when the text is parsed, so decoding is the SMILES decoding.
 ``safe``
     SAFE (Noutahi et al. 2023): the molecule cut into BRICS fragments written one after the other, separated by
     ``.``; the cut bonds become ring-closure digits shared by two fragments. Produced by ``safe-mol`` 0.2.1
@@ -43,6 +47,7 @@ __all__ = [
     "DECODE_MODES",
     "REPRESENTATIONS",
     "SAFE_INSTALL",
+    "SMILES_FORMS",
     "SMILES_REGEX",
     "bracket_to_safe",
     "canonical_smiles",
@@ -53,7 +58,9 @@ __all__ = [
     "split_smiles",
 ]
 
-REPRESENTATIONS: tuple[str, ...] = ("smiles", "safe", "bracket_safe")
+REPRESENTATIONS: tuple[str, ...] = ("smiles", "kekule_smiles", "safe", "bracket_safe")
+SMILES_FORMS: tuple[str, ...] = ("smiles", "kekule_smiles")
+"""The representations that are plain SMILES text (decoded by RDKit alone; no safe-mol needed)."""
 DECODE_MODES: tuple[str, ...] = ("strict", "genmol")
 
 SAFE_INSTALL = "pip install --no-deps safe-mol==0.2.1 datamol==0.13.0 && pip install loguru pandas"
@@ -127,6 +134,23 @@ def _to_smiles(mol: Chem.Mol) -> str | None:
         except Exception:  # pragma: no cover
             return None
     return out or None
+
+
+def _kekule_smiles(canon: str, verify: bool) -> str | None:
+    """Canonical SMILES -> its canonical Kekulé form (None if RDKit cannot kekulise it or, with ``verify``, the
+    Kekulé text does not parse back to ``canon``)."""
+    mol = _parse(canon)
+    if mol is None:
+        return None
+    with rdBase.BlockLogs():
+        try:
+            Chem.Kekulize(mol, clearAromaticFlags=True)
+            text = Chem.MolToSmiles(mol, kekuleSmiles=True)
+        except Exception:
+            return None
+    if not text or (verify and canonical_smiles(text) != canon):
+        return None
+    return text
 
 
 def canonical_smiles(smiles: str) -> str | None:
@@ -276,6 +300,8 @@ def encode_molecule(smiles: str, representation: str, verify: bool = True) -> st
     canon = canonical_smiles(smiles)
     if canon is None or representation == "smiles":
         return canon
+    if representation == "kekule_smiles":
+        return _kekule_smiles(canon, verify)
     safe_mod = _safe()
     try:
         with rdBase.BlockLogs():
@@ -309,7 +335,7 @@ def decode_to_smiles(text: str, representation: str, mode: str = "strict") -> st
     text = text.strip()
     if not text or any(c.isspace() for c in text):
         return None
-    if representation == "smiles":
+    if representation in SMILES_FORMS:
         if mode == "strict":
             return canonical_smiles(text)
         mol = _parse(text)

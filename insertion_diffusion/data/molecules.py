@@ -34,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MetricCollection
 
-from insertion_diffusion.chem.convert import REPRESENTATIONS, SAFE_INSTALL
+from insertion_diffusion.chem.convert import REPRESENTATIONS, SAFE_INSTALL, SMILES_FORMS
 from insertion_diffusion.chem.tokenizer import RegexTokenizer
 from insertion_diffusion.data.base import SequenceDataModule, TensorDictDataset, encode_rows
 from insertion_diffusion.data.corpus import (
@@ -98,7 +98,7 @@ def _versions(representation: str) -> dict[str, str]:
     import rdkit
 
     out = {"rdkit": rdkit.__version__, "format_version": str(FORMAT_VERSION)}
-    if representation != "smiles":
+    if representation not in SMILES_FORMS:
         for pkg in ("safe-mol", "datamol"):
             try:
                 out[pkg] = version(pkg)
@@ -184,7 +184,8 @@ class MoleculeDataModule(SequenceDataModule):
             ``.tsv`` file, optionally gzipped (``.gz``).
         column: SMILES column of a ``path`` table: a header name, a 0-based index, or None (a column named
             like ``SMILES`` in a header, else the first column).
-        representation: ``smiles``, ``safe`` or ``bracket_safe`` (SAFE forms need ``safe-mol``).
+        representation: ``smiles``, ``kekule_smiles``, ``safe`` or ``bracket_safe`` (SAFE forms need
+            ``safe-mol``).
         max_length: fixed row width (target + EOS); None: the longest kept molecule + 1 rounded up to a
             multiple of 8 (so at most ``max_tokens + 1`` rounded up). Molecules longer than ``max_length - 1`` tokens are dropped.
         max_tokens: molecules with more tokens are dropped (counted as ``too_long``).
@@ -309,7 +310,7 @@ class MoleculeDataModule(SequenceDataModule):
                                 ("num_proc", num_proc, 1)):
             if value is not None and int(value) < low:
                 raise ValueError(f"data.{key} must be >= {low} or null, got {value}")
-        if representation != "smiles":
+        if representation not in SMILES_FORMS:
             from insertion_diffusion.chem.convert import _safe
 
             try:
@@ -594,7 +595,7 @@ class MoleculeDataModule(SequenceDataModule):
             results = clean_molecules(
                 [corpus.smiles[i] for i in idx], self.representation, self.token_limit, self.num_proc,
                 # SAFE costs ~7 ms a molecule (encode + verify) against ~0.3 ms for SMILES: a pool pays sooner
-                min_parallel=20_000 if self.representation == "smiles" else 1_000,
+                min_parallel=20_000 if self.representation in SMILES_FORMS else 1_000,
             )
             for i, res in zip(idx.tolist(), results):
                 pos += 1

@@ -57,7 +57,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities import dim_zero_cat
 
 from insertion_diffusion.chem import scoring
-from insertion_diffusion.chem.convert import REPRESENTATIONS, decode_to_smiles
+from insertion_diffusion.chem.convert import REPRESENTATIONS, SMILES_FORMS, decode_to_smiles
 from insertion_diffusion.chem.diagnose import INVALID_REASONS, diagnose
 from insertion_diffusion.tokenizers import Tokenizer, as_tokenizer
 
@@ -101,7 +101,7 @@ def decode_texts(texts: Sequence[str], representation: str) -> tuple[list[str | 
     derived from the strict result when that is invalid or has a single fragment (one parse instead of two).
     """
     strict = [decode_to_smiles(t, representation, "strict") for t in texts]
-    if representation == "smiles":
+    if representation in SMILES_FORMS:
         genmol = [
             s if s is None or "." not in s else decode_to_smiles(t, representation, "genmol")
             for t, s in zip(texts, strict)

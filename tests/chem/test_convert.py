@@ -71,6 +71,14 @@ def test_round_trip_on_nci(rep):
     assert encoded >= 38
 
 
+def test_kekule_form_writes_aromatic_rings_with_alternating_bonds():
+    assert encode_molecule("CC(=O)Oc1ccccc1C(=O)O", "kekule_smiles") == "CC(=O)OC1=CC=CC=C1C(=O)O"
+    assert encode_molecule("c1ccc2[nH]ccc2c1", "kekule_smiles") == "C1=CC=C2NC=CC2=C1"
+    assert decode_to_smiles("C1=CC=C2NC=CC2=C1", "kekule_smiles") == canonical_smiles("c1ccc2[nH]ccc2c1")
+    assert decode_to_smiles("c1ccccc1", "kekule_smiles") == "c1ccccc1"  # aromatic text still decodes
+    assert encode_molecule("not a molecule", "kekule_smiles") is None
+
+
 def test_bracket_safe_form():
     smi = "S(SC1=NC2=CC=CC=C2S1)C3=NC4=C(S3)C=CC=C4"
     safe_text = encode_molecule(smi, "safe")

@@ -133,7 +133,7 @@ def test_tables_with_header_column_names_and_gzip(tmp_path):
     ("kwargs", "match"),
     [
         ({"source": "zinc"}, r"data\.source.*'nci', 'moses', 'path'"),
-        ({"representation": "selfies"}, r"data\.representation.*'smiles', 'safe', 'bracket_safe'"),
+        ({"representation": "selfies"}, r"data\.representation.*'smiles', 'kekule_smiles', 'safe', 'bracket_safe'"),
         ({"val_size": -1}, r"data\.val_size must be >= 0"),
         ({"train_size": 0}, r"data\.train_size must be >= 1"),
         ({"max_tokens": 0}, r"data\.max_tokens must be >= 1"),
@@ -256,9 +256,10 @@ def test_layout_rows_equals_encode_rows():
     assert ids.dtype == np.int16 and torch.equal(torch.from_numpy(ids).long(), ref)
 
 
-@pytest.mark.parametrize("representation", ["safe", "bracket_safe"])
+@pytest.mark.parametrize("representation", ["safe", "bracket_safe", "kekule_smiles"])
 def test_safe_representations(tmp_path, representation):
-    pytest.importorskip("safe")
+    if representation != "kekule_smiles":
+        pytest.importorskip("safe")
     corpus = write(tmp_path / "s.smi", [s.encode() for s in VARIED])
     dm = make(tmp_path, corpus, representation=representation)
     assert dm.representation == representation
@@ -271,6 +272,9 @@ def test_safe_representations(tmp_path, representation):
     assert sum(dm.split_sizes.values()) + dm.drop_counts["unknown_token"] == len(VARIED)
     if representation == "bracket_safe":
         assert any("<1>" in t for t in texts)
+    if representation == "kekule_smiles":  # aromatic rings written with alternating bonds: no aromatic atom token
+        assert any("=" in t for t in texts) and not {"c", "n", "o", "s"} & set(dm.tokenizer.tokens)
+        assert any(decode_to_smiles(t, "kekule_smiles").count("c") for t in texts)  # decoded back to aromatic
 
 
 def test_parallel_cleaning_gives_the_same_result():
