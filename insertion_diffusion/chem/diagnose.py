@@ -40,12 +40,16 @@ _PROBLEMS = {
 }
 
 
-def diagnose(text: str, representation: str = "smiles") -> str:
+def diagnose(text: str | None, representation: str = "smiles") -> str:
     """The reason ``text`` is not a molecule, assuming the strict decoding already refused it.
 
     Never returns "valid": a string that passes every check here (RDKit parses and sanitises it) but was refused
     by the caller's decoding is ``"other"``.
     """
+    if text is None:
+        return "empty"
+    if not isinstance(text, str):
+        raise TypeError(f"diagnose() takes the generated text as a str, got {type(text).__name__}")
     text = text.strip()
     if not text:
         return "empty"
@@ -87,7 +91,7 @@ def diagnose(text: str, representation: str = "smiles") -> str:
     return "other"
 
 
-def invalid_reason(text: str, representation: str = "smiles") -> str | None:
+def invalid_reason(text: str | None, representation: str = "smiles") -> str | None:
     """None if ``text`` decodes strictly to a molecule, else the reason it does not (see :data:`INVALID_REASONS`)."""
     if decode_to_smiles(text, representation, "strict") is not None:
         return None

@@ -52,3 +52,11 @@ def test_safe_text_is_diagnosed_as_smiles():
 def test_diagnose_of_a_valid_string_is_other():
     # diagnose() assumes the caller's decoding refused the string; a sanitisable one is "other", never valid
     assert diagnose("CCO") == "other"
+
+
+def test_none_is_empty_and_other_types_are_refused():
+    assert invalid_reason(None) == "empty"
+    with pytest.raises(TypeError, match="as a str, got int"):
+        diagnose(42)
+    with pytest.raises(ValueError, match="unknown representation 'selfies'"):
+        invalid_reason("CCO", "selfies")
