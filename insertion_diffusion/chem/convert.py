@@ -52,6 +52,7 @@ __all__ = [
     "bracket_to_safe",
     "canonical_smiles",
     "decode_to_smiles",
+    "encode_canonical",
     "encode_molecule",
     "largest_fragment",
     "safe_to_bracket",
@@ -139,6 +140,8 @@ def _to_smiles(mol: Chem.Mol) -> str | None:
 def _kekule_smiles(canon: str, verify: bool) -> str | None:
     """Canonical SMILES -> its canonical Kekulé form (None if RDKit cannot kekulise it or, with ``verify``, the
     Kekulé text does not parse back to ``canon``)."""
+    # Kekulised from the canonical text, not from the caller's molecule: which bonds become double depends on the
+    # input atom order, and the canonical text fixes it, so every spelling of a molecule gives one Kekulé string.
     mol = _parse(canon)
     if mol is None:
         return None
@@ -298,7 +301,14 @@ def encode_molecule(smiles: str, representation: str, verify: bool = True) -> st
     """
     _check(representation)
     canon = canonical_smiles(smiles)
-    if canon is None or representation == "smiles":
+    return None if canon is None else encode_canonical(canon, representation, verify)
+
+
+def encode_canonical(canon: str, representation: str, verify: bool = True) -> str | None:
+    """:func:`encode_molecule` for text that is already RDKit canonical SMILES (the cleaning pass has it), which
+    saves one parse per molecule."""
+    _check(representation)
+    if representation == "smiles":
         return canon
     if representation == "kekule_smiles":
         return _kekule_smiles(canon, verify)

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from insertion_diffusion.chem.convert import canonical_smiles, encode_molecule, split_smiles
+from insertion_diffusion.chem.convert import canonical_smiles, encode_canonical, split_smiles
 
 __all__ = [
     "DROP_REASONS",
@@ -256,7 +256,7 @@ def clean_one(smiles: str, representation: str, max_tokens: int) -> tuple[str, s
     canon = canonical_smiles(smiles)
     if canon is None:
         return "unparsable"
-    text = canon if representation == "smiles" else encode_molecule(canon, representation)
+    text = encode_canonical(canon, representation)
     if text is None:
         return "unencodable"
     try:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -330,7 +331,8 @@ class MoleculeGenerationMetrics(Metric):
     def records(self) -> list[dict[str, Any]]:
         """The (de-duplicated) rows seen so far, in gathered order: ``index``, ``smiles``/``smiles_genmol``
         (canonical or None), ``qed``/``sa``/``qed_genmol``/``sa_genmol`` and packed fingerprints ``fp``/
-        ``fp_genmol``, and ``invalid_reason`` (None, or why the strict decoding failed). Call inside ``compute()`` (after the states are gathered) or in a single process."""
+        ``fp_genmol``, and ``invalid_reason`` (None, or why the strict decoding failed). Call inside
+        ``compute()`` (after the states are gathered) or in a single process."""
         self._flush()
         rows, data, fps = self._gathered()
         nb = self.n_bits // 8
@@ -417,8 +419,9 @@ class MoleculeGenerationMetrics(Metric):
             "validity": _ratio(sum(r["smiles"] is not None for r in recs), generated),
             "validity_genmol": _ratio(sum(r["smiles_genmol"] is not None for r in recs), generated),
         }
+        reasons = Counter(r["invalid_reason"] for r in recs)
         for reason in INVALID_REASONS:
-            values[f"invalid_{reason}"] = _ratio(sum(r["invalid_reason"] == reason for r in recs), generated)
+            values[f"invalid_{reason}"] = _ratio(reasons[reason], generated)
         values.update(self._set_metrics(recs, "", with_fcd=self.fcd_reference is not None))
         if self.genmol_variants:
             values.update(self._set_metrics(recs, "_genmol", with_fcd=False))
