@@ -182,6 +182,9 @@ def add_recipe_arguments(ap: argparse.ArgumentParser) -> None:
                     help="FlexMDM insertion-time CDF: linear | cosine | poly:<p> (p < 1 inserts early)")
     ap.add_argument("--integrate-hazard", action="store_true",
                     help="sampler: exact per-step hazard integrals (needed by early-insertion schedules, poly:<p<1>)")
+    ap.add_argument("--time-sampling", default="uniform",
+                    help="FlexMDM/LoFlexMDM training times: uniform | early:<p> (half the rows at u^(1/p), importance-"
+                         "weighted; shows the nearly empty states that early insertion, poly:<p> or --shape-a p, starts from)")
     ap.add_argument("--order-lr", type=float, default=None, help="LoFlexMDM order-network learning rate")
     ap.add_argument("--shape-a", type=float, default=1.0,
                     help="LoFlexMDM: the shared Kumaraswamy shape a (a < 1 inserts early, like poly:<a>; needs "
@@ -196,6 +199,7 @@ def add_recipe_arguments(ap: argparse.ArgumentParser) -> None:
 RECIPE_METHODS: dict[str, tuple[str, ...]] = {
     "insertion_schedule": ("flexmdm",),
     "integrate_hazard": ("flexmdm", "loflexmdm"),
+    "time_sampling": ("flexmdm", "loflexmdm"),
     "order_lr": ("loflexmdm",),
     "shape_a": ("loflexmdm",),
     "generator_states": ("loflexmdm",),

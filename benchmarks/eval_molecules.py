@@ -29,7 +29,8 @@ from insertion_diffusion.data.molecules import MoleculeDataModule
 from insertion_diffusion.models import ARM, MDLM, FlexMDM, LoFlexMDM
 
 METHODS = {"flexmdm": FlexMDM, "loflexmdm": LoFlexMDM, "arm": ARM, "mdlm": MDLM}
-COLUMNS = ("validity", "validity_genmol", "uniqueness", "novelty", "quality", "quality_genmol", "diversity", "fcd")
+COLUMNS = ("validity", "validity_genmol", "uniqueness", "novelty", "quality", "quality_genmol", "diversity", "fcd",
+           "length_generated", "length_reference")
 
 
 def main() -> None:

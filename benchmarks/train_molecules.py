@@ -119,6 +119,8 @@ def main() -> None:
                                  dropout=0.0, absolute_positions=True, time_conditioning=timed,
                                  conv_kernel=args.conv_kernel)
     extra = {}
+    if args.method in ("flexmdm", "loflexmdm"):
+        extra["time_sampling"] = args.time_sampling
     if args.method == "flexmdm":
         extra["insertion_schedule"] = args.insertion_schedule
     if args.method == "loflexmdm":

@@ -134,7 +134,8 @@ def main() -> None:
                                  d_cond=min(128, args.width), dropout=args.dropout,
                                  absolute_positions=not args.no_abs_pos, conv_kernel=args.conv_kernel,
                                  time_conditioning=args.method in ("flexmdm", "loflexmdm"))
-    extra = {"insert_weight": args.insert_weight} if args.method in ("flexmdm", "loflexmdm") else {}
+    extra = ({"insert_weight": args.insert_weight, "time_sampling": args.time_sampling}
+             if args.method in ("flexmdm", "loflexmdm") else {})
     if args.method == "flexmdm":
         extra.update(insertion_schedule=args.insertion_schedule, unmasking_schedule=args.unmasking_schedule)
     if args.method == "loflexmdm":

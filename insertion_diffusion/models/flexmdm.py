@@ -15,7 +15,13 @@ from insertion_diffusion.losses import rate_matching_terms
 from insertion_diffusion.models.base import INFERENCE_SETTINGS, eval_noise, run_fp32
 from insertion_diffusion.models.insertion_base import InsertionModel
 from insertion_diffusion.nn.transformer import AdaLNHead, ScalarHead, Transformer, TransformerConfig
-from insertion_diffusion.process.insertion import partial_state, sample_event_times, stratified_times
+from insertion_diffusion.process.insertion import (
+    parse_time_sampling,
+    partial_state,
+    sample_event_times,
+    stratified_times,
+    training_times,
+)
 from insertion_diffusion.process.rng import NoiseSource
 from insertion_diffusion.sampling.tau_leaping import SamplerConfig
 from insertion_diffusion.schedules import make_schedule
@@ -36,6 +42,10 @@ class FlexMDM(InsertionModel):
         insertion_head: "expectation" (predict the expected gap length; Bregman loss) or "distribution"
             (logits over gap lengths 0..max_length; cross-entropy, the rate uses its mean).
         time_eps: training times are stratified over ``[time_eps, 1 - time_eps]``.
+        time_sampling: where training times fall: "uniform", or "early:<p>" (half the rows at ``u ** (1/p)``,
+            importance-weighted so the objective is unchanged; for early-insertion schedules such as ``poly:<p>``,
+            whose first moments uniform times almost never show; see
+            :func:`~insertion_diffusion.process.insertion.training_times`).
         insert_weight: weight of the insertion-rate term against the unmasking term (see
             :mod:`insertion_diffusion.losses` for why it is below 1).
         sampler: settings of the tau-leaping sampler used for evaluation and prediction.
@@ -53,6 +63,7 @@ class FlexMDM(InsertionModel):
         unmasking_schedule: str = "linear",
         insertion_head: str = "expectation",
         time_eps: float = 1e-3,
+        time_sampling: str = "uniform",
         insert_weight: float = 0.1,
         sampler: SamplerConfig | None = None,
         lr: float = 3e-4,
@@ -82,6 +93,7 @@ class FlexMDM(InsertionModel):
         self.check_sampler()
         self.insertion_head = insertion_head
         self.time_eps = time_eps
+        self.time_early = parse_time_sampling(time_sampling)
         if not insert_weight > 0:
             raise ValueError(f"model.insert_weight must be > 0, got {insert_weight}")
         self.insert_weight = insert_weight
@@ -138,12 +150,13 @@ class FlexMDM(InsertionModel):
         """
         z1, fixed, attn = batch["input_ids"], batch["fixed"], batch["attention_mask"]
         B, L = z1.shape
-        t = stratified_times(B, self.time_eps, z1.device, generator)
+        t, w = training_times(B, self.time_eps, z1.device, generator, self.time_early)
         t_in, t_um = sample_event_times(z1.shape, self.insertion, self.unmasking, z1.device, generator)
         st = partial_state(z1, fixed, attn, t, t_in, t_um, self.tokenizer.mask_id, self.tokenizer.pad_id)
         logits, gap_out = self(st.x, t, st.valid)
-        lam_in = self.insertion.hazard(t)[:, None]
-        lam_um = self.unmasking.hazard(t)[:, None]
+        # Both terms are linear in a common factor of the hazards, so the time weight rides on them.
+        lam_in = (self.insertion.hazard(t) * w)[:, None]
+        lam_um = (self.unmasking.hazard(t) * w)[:, None]
         allowed = st.valid & (~st.fixed | (st.x == self.tokenizer.eos_id))
         if self.insertion_head == "expectation":
             terms = rate_matching_terms(

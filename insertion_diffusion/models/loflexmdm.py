@@ -29,7 +29,15 @@ from insertion_diffusion.models.insertion_base import InsertionModel
 from insertion_diffusion.nn.transformer import AdaLNHead, ScalarHead, Transformer, TransformerConfig
 from insertion_diffusion.order.kumaraswamy import KumaraswamyClock, schedule_regularizers
 from insertion_diffusion.order.network import RATE_FNS, BoundedRate, OrderNetwork
-from insertion_diffusion.process.insertion import CLEAN, DELETED, MASKED, partial_state, stratified_times
+from insertion_diffusion.process.insertion import (
+    CLEAN,
+    DELETED,
+    MASKED,
+    parse_time_sampling,
+    partial_state,
+    stratified_times,
+    training_times,
+)
 from insertion_diffusion.process.rng import NoiseSource, RowRNG
 from insertion_diffusion.sampling.tau_leaping import SamplerConfig
 from insertion_diffusion.tokenizers import Tokenizer
@@ -72,6 +80,9 @@ class LoFlexMDM(InsertionModel):
             (eleventh session) with ``a != 1`` were trained with "absolute"; set it to resume them unchanged.
         order_lr: learning rate of the order network (default: ``lr``).
         time_eps: training times are stratified over ``[time_eps, 1 - time_eps]``.
+        time_sampling: where training times fall: "uniform", or "early:<p>" (half the rows at ``u ** (1/p)``,
+            importance-weighted so the objective is unchanged; for ``a < 1``, whose first moments uniform times
+            almost never show; see :func:`~insertion_diffusion.process.insertion.training_times`).
         insert_weight: weight of the insertion-rate term in the generator's loss (as in FlexMDM).
         order_insert_weight: weight of the insertion term in what the order network optimises: its pathwise
             gradient through the target rates and its REINFORCE reward. method.md trains ``phi`` on
@@ -119,6 +130,7 @@ class LoFlexMDM(InsertionModel):
         reg_frame: str = "relative",
         order_lr: float | None = None,
         time_eps: float = 1e-3,
+        time_sampling: str = "uniform",
         insert_weight: float = 0.1,
         order_insert_weight: float | None = None,
         advantage_normalization: str = "per_mask",
@@ -176,6 +188,7 @@ class LoFlexMDM(InsertionModel):
         self.reg_clock = KumaraswamyClock(1.0) if reg_frame == "relative" else self.clock
         self.order_lr = order_lr
         self.time_eps = time_eps
+        self.time_early = parse_time_sampling(time_sampling)
         if not insert_weight > 0:
             raise ValueError(f"model.insert_weight must be > 0, got {insert_weight}")
         self.insert_weight = insert_weight
@@ -316,7 +329,7 @@ class LoFlexMDM(InsertionModel):
         z1, fixed, attn = batch["input_ids"], batch["fixed"], batch["attention_mask"]
         B, L = z1.shape
         noisy = attn & ~fixed
-        t = stratified_times(B, self.time_eps, z1.device, generator)
+        t, w = training_times(B, self.time_eps, z1.device, generator, self.time_early)
         # the two partial states of a row draw independent noise (and share the row's time)
         state_noise = generator.repeat(2) if isinstance(generator, RowRNG) else generator
         b_in, b_um = self.order_rates(batch, t)
@@ -331,13 +344,13 @@ class LoFlexMDM(InsertionModel):
         tb_um = b_um2 if self.pathwise else b_um2.detach()
         terms, per_row = self.state_terms(st, t2, tb_in, tb_um, logits, g_in, g_um,
                                           target_insert_weight=self.order_insert_weight)
-        per_row = per_row / L
+        per_row = per_row * w.repeat(2) / L  # the time weight (1 under uniform times) of each row's states
         loss_1, loss_2 = per_row[:B], per_row[B:]
         gen_loss = 0.5 * (loss_1 + loss_2).mean()
 
         logp = self.state_log_prob(st, t2, b_in2.masked_fill(~n2, 1.0), b_um2.masked_fill(~n2, 1.0), n2)
         diff = self.difficulty(terms, L, t2).detach()
-        adv = diff[:B] - diff[B:]
+        adv = (diff[:B] - diff[B:]) * w
         dlogp = logp[:B] - logp[B:]
         reinforce = 0.5 * (adv * dlogp).mean()
 

@@ -16,7 +16,12 @@ from insertion_diffusion.data.star import StarGraphDataModule
 from insertion_diffusion.losses import bregman_rate
 from insertion_diffusion.models.flexmdm import FlexMDM
 from insertion_diffusion.nn.transformer import TransformerConfig
-from insertion_diffusion.process.insertion import partial_state, sample_event_times, stratified_times
+from insertion_diffusion.process.insertion import (
+    partial_state,
+    sample_event_times,
+    stratified_times,
+    training_times,
+)
 from insertion_diffusion.sampling import SamplerConfig
 from insertion_diffusion.tokenizers import IntegerTokenizer
 
@@ -50,24 +55,30 @@ def test_compute_loss_is_finite_and_seeded():
     assert 0.0 <= logs["masked_token_acc"][0].item() <= 1.0
 
 
-def test_compute_loss_matches_manual_reconstruction():
-    """Rebuild FlexMDM's loss from the forward process: (1/(B L)) [sum_masked lambda_um(t) CE
-    + insert_weight sum_{allowed gaps} lambda_in(t) D(|G_j|, g_j)], allowed = real gaps not left of prompt/BOS."""
-    model = tiny()
+@pytest.mark.parametrize("time_sampling", ["uniform", "early:0.5"])
+def test_compute_loss_matches_manual_reconstruction(time_sampling):
+    """Rebuild FlexMDM's loss from the forward process: (1/(B L)) sum_rows w(t) [sum_masked lambda_um(t) CE
+    + insert_weight sum_{allowed gaps} lambda_in(t) D(|G_j|, g_j)], allowed = real gaps not left of prompt/BOS;
+    w = 1 under uniform times, the inverse mixture density under early:<p>."""
+    model = tiny(time_sampling=time_sampling)
     b, prompts = batch()
     z1, fixed, attn = b["input_ids"], b["fixed"], b["attention_mask"]
     B, L = z1.shape
     loss, _ = model.compute_loss(b, generator=torch.Generator().manual_seed(5))
 
     g = torch.Generator().manual_seed(5)
-    t = stratified_times(B, model.time_eps, generator=g)
+    if time_sampling == "uniform":
+        t, w = stratified_times(B, model.time_eps, generator=g), torch.ones(B)
+    else:
+        t, w = training_times(B, model.time_eps, generator=g, early=0.5)
+        assert (w - 1).abs().min() > 1e-3  # every row carries a weight other than 1
     t_in, t_um = sample_event_times(z1.shape, model.insertion, model.unmasking, generator=g)
     st = partial_state(z1, fixed, attn, t, t_in, t_um, MASK, PAD)
     with torch.no_grad():
         logits, gap_pred = model(st.x, t, st.valid)
     total = 0.0
     for r in range(B):
-        lam = 1.0 / (1.0 - t[r].item())  # linear schedules: both hazards are 1 / (1 - t)
+        lam = w[r].item() / (1.0 - t[r].item())  # linear schedules: both hazards are 1 / (1 - t)
         n_head = len(prompts[r])
         for j in range(st.lengths[r].item()):
             if st.is_mask[r, j]:
@@ -334,3 +345,38 @@ def test_val_steps_apply_to_the_validations_inside_fit_only(tmp_path):
     assert calls == [6, 6]
     with pytest.raises(ValueError, match="sampler.val_steps must be >= 1"):
         SamplerConfig(val_steps=0)
+
+
+@pytest.mark.parametrize("value", ["late", "early:1", "early:0", "early:x", ""])
+def test_bad_time_sampling_names_the_key(value):
+    with pytest.raises(ValueError, match=r"model\.time_sampling="):
+        tiny(time_sampling=value)
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers.*")
+def test_validation_logs_mean_generated_and_reference_lengths(tmp_path):
+    """``val/length_generated`` and ``val/length_reference`` are the row means over the whole validation set (two
+    batches of unequal size), from what ``generate`` returned."""
+    dm = StarGraphDataModule(preset="easy", data_dir=str(tmp_path / "data"), num_train=8, num_val=6, num_test=1,
+                             batch_size=4)
+    torch.manual_seed(0)
+    cfg = TransformerConfig(num_layers=1, d_model=32, num_heads=2, d_cond=16, dropout=0.0)
+    model = FlexMDM(dm.tokenizer, dm.max_length, backbone=cfg, sampler=SamplerConfig(steps=4))
+    seen: list[tuple[int, int]] = []
+    generate = model.generate
+
+    def recording_generate(*args, **kwargs):
+        prompts, generated, refs = generate(*args, **kwargs)
+        seen.extend((len(g), len(r)) for g, r in zip(generated, refs))
+        return prompts, generated, refs
+
+    model.generate = recording_generate
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    (res,) = trainer.validate(model, datamodule=dm, verbose=False)
+    assert len(seen) == 6
+    gen_mean = sum(g for g, _ in seen) / 6
+    ref_mean = sum(r for _, r in seen) / 6
+    assert res["val/length_generated"] == pytest.approx(gen_mean, rel=1e-6)
+    assert res["val/length_reference"] == pytest.approx(ref_mean, rel=1e-6)
+    assert ref_mean > 0

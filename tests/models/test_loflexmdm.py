@@ -33,6 +33,7 @@ from insertion_diffusion.process.insertion import (
     partial_state,
     sample_event_times,
     stratified_times,
+    training_times,
 )
 from insertion_diffusion.sampling import SamplerConfig
 from insertion_diffusion.tokenizers import IntegerTokenizer
@@ -263,14 +264,18 @@ def test_unit_rates_cost_no_regulariser_with_an_empty_target_row(monkeypatch):
 # --- the objective, rebuilt by hand ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("learn_b_um", "reg_frame"), [(False, "relative"), (True, "relative"), (False, "absolute")])
-def test_compute_loss_matches_manual_reconstruction(learn_b_um, reg_frame):
+@pytest.mark.parametrize(("learn_b_um", "reg_frame", "time_sampling"), [
+    (False, "relative", "uniform"), (True, "relative", "uniform"), (False, "absolute", "uniform"),
+    (False, "relative", "early:0.5"),
+])
+def test_compute_loss_matches_manual_reconstruction(learn_b_um, reg_frame, time_sampling):
     """J = (L1 + L2)/2 + sg(L1 - L2)(log p1 - log p2)/2 + sum_k w_k R_k, rebuilt from the same RNG stream.
 
     At a = 2 the "relative" regularisers are those of the laws Kumaraswamy(1, b) (the clock s = t^a), the
-    "absolute" ones those of Kumaraswamy(2, b)."""
+    "absolute" ones those of Kumaraswamy(2, b). Under early:<p> times both states' losses and the advantage of a
+    row carry its time weight w(t)."""
     lo = tiny(seed=0, a=2.0, reg_mixture=0.7, reg_endpoint=1.3, reg_kl=0.4, reinforce_weight=0.8,
-              learn_b_um=learn_b_um, reg_frame=reg_frame)
+              learn_b_um=learn_b_um, reg_frame=reg_frame, time_sampling=time_sampling)
     perturb(lo, seed=1)
     b, _ = batch()
     z1, fixed, attn = b["input_ids"], b["fixed"], b["attention_mask"]
@@ -279,7 +284,11 @@ def test_compute_loss_matches_manual_reconstruction(learn_b_um, reg_frame):
     with torch.no_grad():
         loss, logs = lo.compute_loss(b, generator=seeded(9))
         g = seeded(9)
-        t = stratified_times(B, lo.time_eps, generator=g)
+        if time_sampling == "uniform":
+            t, w = stratified_times(B, lo.time_eps, generator=g), torch.ones(B)
+        else:
+            t, w = training_times(B, lo.time_eps, generator=g, early=0.5)
+            assert (w - 1).abs().min() > 1e-3
         b_in, b_um = lo.order_rates(b, t)
         assert b_in.std() > 0  # per-token rates
         if learn_b_um:
@@ -314,7 +323,7 @@ def test_compute_loss_matches_manual_reconstruction(learn_b_um, reg_frame):
                     n_mask += 1
                 if not st.fixed[r, j] or st.x[r, j] == EOS:
                     tot = tot + lo.insert_weight * bregman_rate(torch.as_tensor(lam_gap), g_in[r, j] * h[r])
-            rows.append(tot / L)
+            rows.append(w[r % B] * tot / L)
             # REINFORCE reward (per_mask): unmasking term per mask + insertion term / L
             rewards.append(um / max(1, n_mask) + (tot - um) / L)
         rows = torch.stack(rows)
@@ -327,7 +336,7 @@ def test_compute_loss_matches_manual_reconstruction(learn_b_um, reg_frame):
                 if noisy[r % B, i]:
                     logp[r] += lps[int(st.state[r, i])][r, i]
         rewards = torch.stack(rewards)
-        reinforce = 0.5 * ((rewards[:B] - rewards[B:]) * (logp[:B] - logp[B:])).mean()
+        reinforce = 0.5 * (w * (rewards[:B] - rewards[B:]) * (logp[:B] - logp[B:])).mean()
         reg_clock = KumaraswamyClock(1.0) if reg_frame == "relative" else lo.clock
         regs = schedule_regularizers(reg_clock, b_in, noisy, generator=g)
         if learn_b_um:  # the b_um part's grid offset is not reproduced here: check its endpoint/KL parts only
@@ -924,3 +933,8 @@ def test_generator_rate_cap_covers_the_largest_gap_target():
     assert model.gen_bound.b_max == L * 100.0  # max_length * order_b_max
     capped = LoFlexMDM(TOK, max_length=L, backbone=cfg(), generator_b_max=100.0)
     assert capped.gen_bound(torch.tensor(target.item())).item() == 100.0  # an explicit cap is still honoured
+
+
+def test_bad_time_sampling_names_the_key():
+    with pytest.raises(ValueError, match=r"model\.time_sampling='early:2': the exponent of early:<p> must be"):
+        tiny(time_sampling="early:2")

@@ -13,10 +13,13 @@ from insertion_diffusion.process.insertion import (
     MASKED,
     PartialState,
     gap_sums,
+    parse_time_sampling,
     partial_state,
     sample_event_times,
     stratified_times,
+    training_times,
 )
+from insertion_diffusion.process.rng import RowRNG
 from insertion_diffusion.schedules import LinearSchedule, make_schedule
 
 PAD, MASK, BOS, EOS = 0, 1, 2, 3
@@ -385,3 +388,48 @@ def test_stratified_offset_is_uniform_across_draws():
     i = torch.arange(1, 401, dtype=torch.float64)
     ks = max((i / 400 - srt).max().item(), (srt - (i - 1) / 400).max().item())
     assert ks < 1.63 / math.sqrt(400)
+
+
+def test_uniform_training_times_are_the_stratified_times_with_unit_weights():
+    t, w = training_times(16, 1e-3, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(t, stratified_times(16, 1e-3, generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(w, torch.ones(16))
+
+
+def test_early_training_times_are_importance_weighted():
+    """Under early:p the weighted mean of f(t) estimates the integral of f over (0, 1), as uniform times do, while
+    about half the rows sit where the inserted share t^p is uniform (uniform times never reach t^p < 0.1)."""
+    p, B = 0.25, 40_000
+    t, w = training_times(B, 1e-3, generator=torch.Generator().manual_seed(0), early=p)
+    t64, w64 = t.double(), w.double()
+    assert bool((w > 0).all()) and float(w.max()) <= 1.0 / (0.5 + 0.5 * p) + 1e-6
+    for f, integral in ((lambda x: torch.ones_like(x), 1.0), (lambda x: x, 0.5), (lambda x: x**2, 1 / 3),
+                        (lambda x: x ** -0.5, 2.0)):
+        assert float((w64 * f(t64)).mean()) == pytest.approx(integral, rel=0.03)
+    early_share = float((t64**p < 0.1).double().mean())
+    assert 0.04 < early_share < 0.06  # half the rows x P(u < 0.1)
+    u, _ = training_times(B, 1e-3, generator=torch.Generator().manual_seed(0))
+    assert float((u.double() ** p < 0.1).double().mean()) == 0.0
+    # The weight is the inverse mixture density 1/2 + (p/2) t^(p-1).
+    torch.testing.assert_close(w64, 1.0 / (0.5 + 0.5 * p * t64 ** (p - 1.0)), rtol=1e-5, atol=0)
+
+
+def test_early_training_times_follow_the_row_ids():
+    """With a RowRNG a row's time and weight depend on its id only, not on the batch it is in."""
+    rows = torch.arange(10)
+    t_all, w_all = training_times(10, 1e-3, generator=RowRNG(7, rows), early=0.25)
+    t_part, w_part = training_times(4, 1e-3, generator=RowRNG(7, rows[6:]), early=0.25)
+    torch.testing.assert_close(t_part, t_all[6:])
+    torch.testing.assert_close(w_part, w_all[6:])
+    assert (w_all != 1).all()
+
+
+@pytest.mark.parametrize(("spec", "expected"), [("uniform", None), ("early:0.25", 0.25), ("early:0.5", 0.5)])
+def test_parse_time_sampling(spec, expected):
+    assert parse_time_sampling(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["late", "early:1", "early:0", "early:-0.5", "early:abc", "Early:0.25"])
+def test_parse_time_sampling_refuses_with_the_key(spec):
+    with pytest.raises(ValueError, match=r"model\.time_sampling=.*(allowed values: uniform, early:<p>|in \(0, 1\))"):
+        parse_time_sampling(spec)
