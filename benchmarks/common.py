@@ -249,3 +249,28 @@ def with_setting(cfg, setting: str | dict, option: str = "--settings"):
         return dataclasses.replace(cfg, **values)
     except (TypeError, ValueError) as err:  # the config's own check, e.g. confidence=fastest or steps=0
         raise SystemExit(f"{option} {text!r}: {err}") from None
+
+
+def read_molecule_run(run_dir: str) -> dict:
+    """The flags a ``train_molecules.py`` run was started with: its ``args.json`` (``result.json``'s ``args`` for
+    runs from before args.json)."""
+    path = os.path.join(run_dir, "args.json")
+    if os.path.exists(path):
+        with open(path) as fh:
+            return json.load(fh)
+    path = os.path.join(run_dir, "result.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"--run {run_dir}: no args.json or result.json there; pass a train_molecules.py --out directory")
+    with open(path) as fh:
+        return json.load(fh)["args"]
+
+
+def molecule_run_datamodule(run: dict, eval_batch_size: int, fcd_reference: str | None = None):
+    """The run's own MoleculeDataModule (source, representation, training subset and test rows), so that scripts
+    that reload its checkpoint see its test rows, training set and FCD reference."""
+    from insertion_diffusion.data.molecules import MoleculeDataModule
+
+    return MoleculeDataModule(source=run["source"], representation=run.get("representation", "smiles"),
+                              train_size=run["train_size"] if run["train_size"] > 0 else None, val_size=256,
+                              test_size=run["num_samples"], cache_dir="data_cache/molecules",
+                              eval_batch_size=eval_batch_size, fcd_reference=fcd_reference)

@@ -12,7 +12,6 @@ the FCD reference are the run's own. Each ``--settings`` entry overrides the che
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -22,10 +21,9 @@ import lightning.pytorch as L
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import with_setting
+from common import molecule_run_datamodule, read_molecule_run, with_setting
 
 from insertion_diffusion.chem.diagnose import INVALID_REASONS
-from insertion_diffusion.data.molecules import MoleculeDataModule
 from insertion_diffusion.models import ARM, MDLM, FlexMDM, LoFlexMDM
 
 METHODS = {"flexmdm": FlexMDM, "loflexmdm": LoFlexMDM, "arm": ARM, "mdlm": MDLM}
@@ -47,18 +45,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the table, not one banner per setting
 
-    if os.path.exists(os.path.join(args.run, "args.json")):
-        with open(os.path.join(args.run, "args.json")) as fh:
-            run = json.load(fh)
-    else:  # runs from before args.json
-        with open(os.path.join(args.run, "result.json")) as fh:
-            run = json.load(fh)["args"]
+    run = read_molecule_run(args.run)
     if args.num_samples > run["num_samples"]:
         raise SystemExit(f"--num-samples {args.num_samples} exceeds the run's test rows ({run['num_samples']})")
-    dm = MoleculeDataModule(source=run["source"], representation=run.get("representation", "smiles"),
-                            train_size=run["train_size"] if run["train_size"] > 0 else None,
-                            val_size=256, test_size=run["num_samples"], cache_dir="data_cache/molecules",
-                            eval_batch_size=min(500, args.num_samples), fcd_reference=None if args.no_fcd else "test")
+    dm = molecule_run_datamodule(run, min(500, args.num_samples), None if args.no_fcd else "test")
     model = METHODS[run["method"]].load_from_checkpoint(os.path.join(args.run, "checkpoints", "last.ckpt"),
                                                         map_location="cpu").eval()
     model.eval_seed = args.eval_seed

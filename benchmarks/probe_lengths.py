@@ -13,16 +13,14 @@ twentieth session found this in MOSES models trained with an early-insertion sch
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import with_setting
+from common import molecule_run_datamodule, read_molecule_run, with_setting
 
-from insertion_diffusion.data.molecules import MoleculeDataModule
 from insertion_diffusion.models import FlexMDM, LoFlexMDM
 from insertion_diffusion.models.base import compact_fixed
 from insertion_diffusion.sampling.tau_leaping import tau_leaping
@@ -39,14 +37,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    with open(os.path.join(args.run, "args.json")) as fh:
-        run = json.load(fh)
+    run = read_molecule_run(args.run)
     if run["method"] not in METHODS:
         raise SystemExit(f"--run {args.run}: a {run['method']} run; this probe reads flexmdm and loflexmdm runs")
-    dm = MoleculeDataModule(source=run["source"], representation=run.get("representation", "smiles"),
-                            train_size=run["train_size"] if run["train_size"] > 0 else None, val_size=256,
-                            test_size=run["num_samples"], cache_dir="data_cache/molecules",
-                            eval_batch_size=args.num_samples)
+    dm = molecule_run_datamodule(run, args.num_samples)
     dm.setup("test")
     model = METHODS[run["method"]].load_from_checkpoint(os.path.join(args.run, "checkpoints", "last.ckpt"),
                                                         map_location="cpu").eval()

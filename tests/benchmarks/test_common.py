@@ -33,6 +33,7 @@ from common import (
     fit_or_exit,
     init_generator,
     parse_setting,
+    read_molecule_run,
     with_setting,
     write_json_atomic,
 )
@@ -275,3 +276,12 @@ def test_minutes_cap_restarts_its_clock_on_resume(tmp_path):
     control = trainer(4, {"max_time": {"minutes": 1}})
     control.fit(BoringModel(), BoringDataModule(), ckpt_path=str(tmp_path / "long.ckpt"))
     assert control.global_step == 2
+
+
+def test_read_molecule_run_refuses_a_directory_without_run_files(tmp_path):
+    with pytest.raises(SystemExit, match="no args.json or result.json there"):
+        read_molecule_run(str(tmp_path))
+    (tmp_path / "result.json").write_text('{"args": {"method": "flexmdm"}}')
+    assert read_molecule_run(str(tmp_path)) == {"method": "flexmdm"}
+    (tmp_path / "args.json").write_text('{"method": "loflexmdm"}')
+    assert read_molecule_run(str(tmp_path)) == {"method": "loflexmdm"}  # args.json first
