@@ -12,7 +12,8 @@ import pickle
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -183,8 +184,8 @@ def add_recipe_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--integrate-hazard", action="store_true",
                     help="sampler: exact per-step hazard integrals (needed by early-insertion schedules, poly:<p<1>)")
     ap.add_argument("--time-sampling", default="uniform",
-                    help="FlexMDM/LoFlexMDM training times: uniform | early:<p> (half the rows at u^(1/p), importance-"
-                         "weighted; shows the nearly empty states that early insertion, poly:<p> or --shape-a p, starts from)")
+                    help="FlexMDM/LoFlexMDM training times: uniform | early:<p>[:<share>] (half the rows, or that share, at "
+                         "u^(1/p), importance-weighted; shows the nearly empty states that early insertion, poly:<p> or --shape-a p, starts from)")
     ap.add_argument("--order-lr", type=float, default=None, help="LoFlexMDM order-network learning rate")
     ap.add_argument("--shape-a", type=float, default=1.0,
                     help="LoFlexMDM: the shared Kumaraswamy shape a (a < 1 inserts early, like poly:<a>; needs "
@@ -204,6 +205,16 @@ RECIPE_METHODS: dict[str, tuple[str, ...]] = {
     "shape_a": ("loflexmdm",),
     "generator_states": ("loflexmdm",),
 }
+
+
+@contextmanager
+def config_errors(ap: argparse.ArgumentParser) -> Iterator[None]:
+    """Turn the ``ValueError`` a DataModule or model raises on a bad setting (it names the key and the allowed
+    values) into one ``<prog>: error: ...`` line and exit status 2, as argparse reports its own errors."""
+    try:
+        yield
+    except ValueError as err:
+        ap.exit(2, f"{ap.prog}: error: {err}\n")
 
 
 def check_recipe_arguments(args: argparse.Namespace, ap: argparse.ArgumentParser | None = None,

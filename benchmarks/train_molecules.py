@@ -31,6 +31,7 @@ from common import (
     SaveLastOnTrainEnd,
     add_recipe_arguments,
     check_recipe_arguments,
+    config_errors,
     fit_or_exit,
     init_generator,
     with_setting,
@@ -109,30 +110,31 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP re-runs this script in each extra process
         write_json_atomic(os.path.join(args.out, "args.json"), vars(args))  # read by eval_molecules.py
-    dm = MoleculeDataModule(source=args.source, representation=args.representation,
-                            train_size=args.train_size if args.train_size > 0 else None, val_size=256,
-                            test_size=args.num_samples, cache_dir="data_cache/molecules",
-                            fcd_reference=None if args.no_fcd else "test",
-                            batch_size=args.batch_size // args.devices, eval_batch_size=500)
-    timed = args.method in ("flexmdm", "loflexmdm")
-    backbone = TransformerConfig(num_layers=args.layers, d_model=args.width, num_heads=4, d_cond=min(128, args.width),
-                                 dropout=0.0, absolute_positions=True, time_conditioning=timed,
-                                 conv_kernel=args.conv_kernel)
-    extra = {}
-    if args.method in ("flexmdm", "loflexmdm"):
-        extra["time_sampling"] = args.time_sampling
-    if args.method == "flexmdm":
-        extra["insertion_schedule"] = args.insertion_schedule
-    if args.method == "loflexmdm":
-        extra.update(order_lr=args.order_lr, generator_states=args.generator_states, a=args.shape_a)
-        extra["order_backbone"] = TransformerConfig(num_layers=max(1, args.layers // 2), d_model=args.width,
-                                                    num_heads=4, d_cond=min(128, args.width), dropout=0.0,
-                                                    absolute_positions=True, conv_kernel=args.conv_kernel)
-    model = METHODS[args.method](dm.tokenizer, dm.max_length, backbone=backbone, lr=args.lr,
-                                 warmup_steps=args.warmup, lr_schedule=args.lr_schedule,
-                                 sampler=with_setting(make_sampler(args.method, args.sampler_steps, args.integrate_hazard),
-                                                      args.sampler_settings, "--sampler-settings"),
-                                 **extra)
+    with config_errors(ap):  # a bad value (e.g. --time-sampling early:2) is one line, not a traceback
+        dm = MoleculeDataModule(source=args.source, representation=args.representation,
+                                train_size=args.train_size if args.train_size > 0 else None, val_size=256,
+                                test_size=args.num_samples, cache_dir="data_cache/molecules",
+                                fcd_reference=None if args.no_fcd else "test",
+                                batch_size=args.batch_size // args.devices, eval_batch_size=500)
+        timed = args.method in ("flexmdm", "loflexmdm")
+        backbone = TransformerConfig(num_layers=args.layers, d_model=args.width, num_heads=4, d_cond=min(128, args.width),
+                                     dropout=0.0, absolute_positions=True, time_conditioning=timed,
+                                     conv_kernel=args.conv_kernel)
+        extra = {}
+        if args.method in ("flexmdm", "loflexmdm"):
+            extra["time_sampling"] = args.time_sampling
+        if args.method == "flexmdm":
+            extra["insertion_schedule"] = args.insertion_schedule
+        if args.method == "loflexmdm":
+            extra.update(order_lr=args.order_lr, generator_states=args.generator_states, a=args.shape_a)
+            extra["order_backbone"] = TransformerConfig(num_layers=max(1, args.layers // 2), d_model=args.width,
+                                                        num_heads=4, d_cond=min(128, args.width), dropout=0.0,
+                                                        absolute_positions=True, conv_kernel=args.conv_kernel)
+        model = METHODS[args.method](dm.tokenizer, dm.max_length, backbone=backbone, lr=args.lr,
+                                     warmup_steps=args.warmup, lr_schedule=args.lr_schedule,
+                                     sampler=with_setting(make_sampler(args.method, args.sampler_steps, args.integrate_hazard),
+                                                          args.sampler_settings, "--sampler-settings"),
+                                     **extra)
     ckpt_dir = os.path.join(args.out, "checkpoints")
     last = os.path.join(ckpt_dir, "last.ckpt")
     if args.init_generator and not os.path.exists(last):

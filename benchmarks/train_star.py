@@ -28,6 +28,7 @@ from common import (
     SaveLastOnTrainEnd,
     add_recipe_arguments,
     check_recipe_arguments,
+    config_errors,
     fit_or_exit,
     init_generator,
     write_json_atomic,
@@ -128,33 +129,34 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, workers=True)
     os.makedirs(args.out, exist_ok=True)
-    dm = StarGraphDataModule(preset=args.preset, data_dir=os.path.join(args.out, "..", "data"),
-                             num_test=args.num_test, batch_size=args.batch_size // args.devices, eval_batch_size=256)
-    backbone = TransformerConfig(num_layers=args.layers, d_model=args.width, num_heads=args.heads,
-                                 d_cond=min(128, args.width), dropout=args.dropout,
-                                 absolute_positions=not args.no_abs_pos, conv_kernel=args.conv_kernel,
-                                 time_conditioning=args.method in ("flexmdm", "loflexmdm"))
-    extra = ({"insert_weight": args.insert_weight, "time_sampling": args.time_sampling}
-             if args.method in ("flexmdm", "loflexmdm") else {})
-    if args.method == "flexmdm":
-        extra.update(insertion_schedule=args.insertion_schedule, unmasking_schedule=args.unmasking_schedule)
-    if args.method == "loflexmdm":
-        extra["order_backbone"] = TransformerConfig(num_layers=args.order_layers, d_model=args.width,
-                                                    num_heads=args.heads, d_cond=min(128, args.width),
-                                                    dropout=args.dropout, absolute_positions=not args.no_abs_pos,
-                                                    conv_kernel=args.conv_kernel)
-        extra["order_lr"] = args.order_lr
-        extra["order_time_conditioning"] = args.order_time_conditioning
-        extra.update(reg_mixture=args.reg_weight, reg_endpoint=args.reg_weight, reg_kl=args.reg_weight,
-                     pathwise=not args.no_pathwise, advantage_normalization=args.advantage,
-                     a=args.shape_a, order_insert_weight=args.order_insert_weight, reg_frame=args.reg_frame,
-                     generator_states=args.generator_states)
-    if args.method == "hdlm":
-        extra.update(block_size=args.block_size or 4, window=args.window or 1, hybrid_eps=args.hybrid_eps or 0.0)
-    model = METHODS[args.method](
-        dm.tokenizer, dm.max_length, backbone=backbone, lr=args.lr, warmup_steps=args.warmup, lr_schedule=args.lr_schedule,
-        sampler=make_sampler(args.method, args.val_steps, args.confidence, args.integrate_hazard), **extra,
-    )
+    with config_errors(ap):  # a bad value (e.g. --time-sampling early:2) is one line, not a traceback
+        dm = StarGraphDataModule(preset=args.preset, data_dir=os.path.join(args.out, "..", "data"),
+                                 num_test=args.num_test, batch_size=args.batch_size // args.devices, eval_batch_size=256)
+        backbone = TransformerConfig(num_layers=args.layers, d_model=args.width, num_heads=args.heads,
+                                     d_cond=min(128, args.width), dropout=args.dropout,
+                                     absolute_positions=not args.no_abs_pos, conv_kernel=args.conv_kernel,
+                                     time_conditioning=args.method in ("flexmdm", "loflexmdm"))
+        extra = ({"insert_weight": args.insert_weight, "time_sampling": args.time_sampling}
+                 if args.method in ("flexmdm", "loflexmdm") else {})
+        if args.method == "flexmdm":
+            extra.update(insertion_schedule=args.insertion_schedule, unmasking_schedule=args.unmasking_schedule)
+        if args.method == "loflexmdm":
+            extra["order_backbone"] = TransformerConfig(num_layers=args.order_layers, d_model=args.width,
+                                                        num_heads=args.heads, d_cond=min(128, args.width),
+                                                        dropout=args.dropout, absolute_positions=not args.no_abs_pos,
+                                                        conv_kernel=args.conv_kernel)
+            extra["order_lr"] = args.order_lr
+            extra["order_time_conditioning"] = args.order_time_conditioning
+            extra.update(reg_mixture=args.reg_weight, reg_endpoint=args.reg_weight, reg_kl=args.reg_weight,
+                         pathwise=not args.no_pathwise, advantage_normalization=args.advantage,
+                         a=args.shape_a, order_insert_weight=args.order_insert_weight, reg_frame=args.reg_frame,
+                         generator_states=args.generator_states)
+        if args.method == "hdlm":
+            extra.update(block_size=args.block_size or 4, window=args.window or 1, hybrid_eps=args.hybrid_eps or 0.0)
+        model = METHODS[args.method](
+            dm.tokenizer, dm.max_length, backbone=backbone, lr=args.lr, warmup_steps=args.warmup, lr_schedule=args.lr_schedule,
+            sampler=make_sampler(args.method, args.val_steps, args.confidence, args.integrate_hazard), **extra,
+        )
     ckpt_dir = os.path.join(args.out, "checkpoints")
     last = os.path.join(ckpt_dir, "last.ckpt")
     if args.init_generator and not os.path.exists(last):

@@ -42,9 +42,9 @@ class FlexMDM(InsertionModel):
         insertion_head: "expectation" (predict the expected gap length; Bregman loss) or "distribution"
             (logits over gap lengths 0..max_length; cross-entropy, the rate uses its mean).
         time_eps: training times are stratified over ``[time_eps, 1 - time_eps]``.
-        time_sampling: where training times fall: "uniform", or "early:<p>" (half the rows at ``u ** (1/p)``,
-            importance-weighted so the objective is unchanged; for early-insertion schedules such as ``poly:<p>``,
-            whose first moments uniform times almost never show; see
+        time_sampling: where training times fall: "uniform", or "early:<p>[:<share>]" (a share of the rows,
+            default 1/2, at ``u ** (1/p)``, importance-weighted so the objective is unchanged; for early-insertion
+            schedules such as ``poly:<p>``, whose first moments uniform times almost never show; see
             :func:`~insertion_diffusion.process.insertion.training_times`).
         insert_weight: weight of the insertion-rate term against the unmasking term (see
             :mod:`insertion_diffusion.losses` for why it is below 1).
@@ -93,7 +93,7 @@ class FlexMDM(InsertionModel):
         self.check_sampler()
         self.insertion_head = insertion_head
         self.time_eps = time_eps
-        self.time_early = parse_time_sampling(time_sampling)
+        self.time_early = parse_time_sampling(time_sampling) or (None, 0.5)  # (p, share) for training_times
         if not insert_weight > 0:
             raise ValueError(f"model.insert_weight must be > 0, got {insert_weight}")
         self.insert_weight = insert_weight
@@ -150,7 +150,7 @@ class FlexMDM(InsertionModel):
         """
         z1, fixed, attn = batch["input_ids"], batch["fixed"], batch["attention_mask"]
         B, L = z1.shape
-        t, w = training_times(B, self.time_eps, z1.device, generator, self.time_early)
+        t, w = training_times(B, self.time_eps, z1.device, generator, *self.time_early)
         t_in, t_um = sample_event_times(z1.shape, self.insertion, self.unmasking, z1.device, generator)
         st = partial_state(z1, fixed, attn, t, t_in, t_um, self.tokenizer.mask_id, self.tokenizer.pad_id)
         logits, gap_out = self(st.x, t, st.valid)

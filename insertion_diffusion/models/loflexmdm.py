@@ -80,9 +80,9 @@ class LoFlexMDM(InsertionModel):
             (eleventh session) with ``a != 1`` were trained with "absolute"; set it to resume them unchanged.
         order_lr: learning rate of the order network (default: ``lr``).
         time_eps: training times are stratified over ``[time_eps, 1 - time_eps]``.
-        time_sampling: where training times fall: "uniform", or "early:<p>" (half the rows at ``u ** (1/p)``,
-            importance-weighted so the objective is unchanged; for ``a < 1``, whose first moments uniform times
-            almost never show; see :func:`~insertion_diffusion.process.insertion.training_times`).
+        time_sampling: where training times fall: "uniform", or "early:<p>[:<share>]" (a share of the rows,
+            default 1/2, at ``u ** (1/p)``, importance-weighted so the objective is unchanged; for ``a < 1``, whose
+            first moments uniform times almost never show; see :func:`~insertion_diffusion.process.insertion.training_times`).
         insert_weight: weight of the insertion-rate term in the generator's loss (as in FlexMDM).
         order_insert_weight: weight of the insertion term in what the order network optimises: its pathwise
             gradient through the target rates and its REINFORCE reward. method.md trains ``phi`` on
@@ -188,7 +188,7 @@ class LoFlexMDM(InsertionModel):
         self.reg_clock = KumaraswamyClock(1.0) if reg_frame == "relative" else self.clock
         self.order_lr = order_lr
         self.time_eps = time_eps
-        self.time_early = parse_time_sampling(time_sampling)
+        self.time_early = parse_time_sampling(time_sampling) or (None, 0.5)  # (p, share) for training_times
         if not insert_weight > 0:
             raise ValueError(f"model.insert_weight must be > 0, got {insert_weight}")
         self.insert_weight = insert_weight
@@ -329,7 +329,7 @@ class LoFlexMDM(InsertionModel):
         z1, fixed, attn = batch["input_ids"], batch["fixed"], batch["attention_mask"]
         B, L = z1.shape
         noisy = attn & ~fixed
-        t, w = training_times(B, self.time_eps, z1.device, generator, self.time_early)
+        t, w = training_times(B, self.time_eps, z1.device, generator, *self.time_early)
         # the two partial states of a row draw independent noise (and share the row's time)
         state_noise = generator.repeat(2) if isinstance(generator, RowRNG) else generator
         b_in, b_um = self.order_rates(batch, t)

@@ -122,47 +122,59 @@ def stratified_times(
     return t[torch.randperm(batch_size, device=device, generator=generator)]
 
 
-TIME_SAMPLINGS = ("uniform", "early:<p>")
+TIME_SAMPLINGS = ("uniform", "early:<p>", "early:<p>:<share>")
 
 
-def parse_time_sampling(spec: str, key: str = "model.time_sampling") -> float | None:
-    """``"uniform"`` -> None; ``"early:<p>"`` with ``0 < p < 1`` -> ``p``. Anything else is refused, naming ``key``."""
+def parse_time_sampling(spec: str, key: str = "model.time_sampling") -> tuple[float, float] | None:
+    """``"uniform"`` -> None; ``"early:<p>"`` -> ``(p, 0.5)``; ``"early:<p>:<share>"`` -> ``(p, share)``, with
+    ``0 < p < 1`` and ``0 < share < 1``. Anything else is refused, naming ``key``."""
     if spec == "uniform":
         return None
     if isinstance(spec, str) and spec.startswith("early:"):
+        parts = spec.split(":")[1:]
         try:
-            p = float(spec.split(":", 1)[1])
+            p = float(parts[0])
         except ValueError:
             p = float("nan")
-        if 0.0 < p < 1.0:
-            return p
-        raise ValueError(f"{key}={spec!r}: the exponent of early:<p> must be a number in (0, 1), e.g. early:0.25")
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"{key}={spec!r}: the exponent of early:<p> must be a number in (0, 1), e.g. early:0.25")
+        if len(parts) == 1:
+            return p, 0.5
+        try:
+            share = float(parts[1]) if len(parts) == 2 else float("nan")
+        except ValueError:
+            share = float("nan")
+        if not 0.0 < share < 1.0:
+            raise ValueError(f"{key}={spec!r}: the share of early:<p>:<share> (the fraction of rows drawn early) "
+                             "must be a number in (0, 1), e.g. early:0.25:0.125")
+        return p, share
     raise ValueError(f"{key}={spec!r}; allowed values: {', '.join(TIME_SAMPLINGS)}")
 
 
 def training_times(
     batch_size: int, eps: float, device: torch.device | str = "cpu", generator: NoiseSource = None,
-    early: float | None = None,
+    early: float | None = None, share: float = 0.5,
 ) -> tuple[Tensor, Tensor]:
     """Training times and their importance weights: ``(t, w)``, (B,) each.
 
     ``early=None``: the stratified uniform times of :func:`stratified_times`, weights 1.
 
-    ``early=p``: each row keeps its stratified time ``u`` with probability 1/2 and otherwise takes
-    ``t = u ** (1 / p)``, so the mixture density of ``t`` is ``m(t) = 1/2 + (p / 2) t^(p - 1)``; the weight is
-    ``w = 1 / m(t)``. Why: under an early-insertion schedule (``poly:p``, or Kumaraswamy ``a = p``) the share of
-    inserted tokens is about ``t^p``, so uniform times almost never show the network the nearly empty sequences
-    that the sampler starts from (with ``p = 0.25`` and ``time_eps = 1e-3``, no training time expects fewer
-    than 18 % of the tokens); the half of the rows drawn as ``u ** (1/p)`` has that share uniform on ``(0, 1)``.
+    ``early=p``: each row keeps its stratified time ``u`` with probability ``1 - share`` and otherwise takes
+    ``t = u ** (1 / p)``, so the mixture density of ``t`` is ``m(t) = (1 - share) + share p t^(p - 1)``; the
+    weight is ``w = 1 / m(t)``. Why: under an early-insertion schedule (``poly:p``, or Kumaraswamy ``a = p``) the
+    share of inserted tokens is about ``t^p``, so uniform times almost never show the network the nearly empty
+    sequences that the sampler starts from (with ``p = 0.25`` and ``time_eps = 1e-3``, no training time expects
+    fewer than 18 % of the tokens); the rows drawn as ``u ** (1/p)`` have that share uniform on ``(0, 1)``.
     The weighted loss has the expectation of the uniform one (up to the ``time_eps`` ends), so the objective
-    and its minimiser are unchanged: only where the samples fall moves.
+    and its minimiser are unchanged: only where the samples fall moves. A smaller ``share`` leaves more rows
+    (and a smaller weight variance) for the middle of the process.
     """
     u = stratified_times(batch_size, eps, device, generator)
     if early is None:
         return u, torch.ones_like(u)
-    pick = uniform((batch_size,), generator, device, "time_mix").to(u.device) < 0.5
+    pick = uniform((batch_size,), generator, device, "time_mix").to(u.device) < share
     t = torch.where(pick, u.double() ** (1.0 / early), u.double())
-    w = 1.0 / (0.5 + 0.5 * early * t ** (early - 1.0))
+    w = 1.0 / ((1.0 - share) + share * early * t ** (early - 1.0))
     return t.float(), w.float()
 
 

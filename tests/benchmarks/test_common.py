@@ -30,6 +30,7 @@ from common import (
     InvocationTimer,
     SaveLastOnTrainEnd,
     check_recipe_arguments,
+    config_errors,
     fit_or_exit,
     init_generator,
     parse_setting,
@@ -225,6 +226,33 @@ def test_training_scripts_accept_defaults_and_shared_sampler_flags_for_every_met
                            train_star.METHOD_FLAGS)
     ap = train_molecules.build_parser()
     check_recipe_arguments(ap.parse_args(f"--method {method} --sampler-steps 64".split()), ap, train_molecules.METHOD_FLAGS)
+
+
+def test_config_errors_print_one_line_and_exit_2(capsys):
+    ap = argparse.ArgumentParser(prog="train_x.py")
+    with pytest.raises(SystemExit) as exc, config_errors(ap):
+        raise ValueError("model.lr must be > 0, got -1")
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == "train_x.py: error: model.lr must be > 0, got -1\n"
+    with pytest.raises(KeyError), config_errors(ap):  # only configuration errors are reworded
+        raise KeyError("x")
+
+
+def test_train_molecules_reports_a_bad_time_sampling_in_one_line(tmp_path, monkeypatch, capsys):
+    """The model refuses the value while the script builds it; the user sees the key and the rule, no traceback."""
+    import train_molecules
+
+    monkeypatch.chdir(tmp_path)  # the script caches the cleaned corpus under ./data_cache
+    monkeypatch.setattr(sys, "argv", ["train_molecules.py", "--method", "flexmdm", "--source", "nci", "--num-samples",
+                                      "50", "--insertion-schedule", "poly:0.25", "--integrate-hazard", "--time-sampling",
+                                      "early:0.25:2", "--max-steps", "1", "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as exc:
+        train_molecules.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("train_molecules.py: error: model.time_sampling='early:0.25:2': the share of early:<p>:<share> "
+                       "(the fraction of rows drawn early) must be a number in (0, 1), e.g. early:0.25:0.125")
+    assert not any(line.startswith("Traceback") for line in err)
 
 
 def test_json_is_written_whole_and_leaves_no_temporary_file(tmp_path):

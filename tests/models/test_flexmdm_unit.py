@@ -17,6 +17,7 @@ from insertion_diffusion.losses import bregman_rate
 from insertion_diffusion.models.flexmdm import FlexMDM
 from insertion_diffusion.nn.transformer import TransformerConfig
 from insertion_diffusion.process.insertion import (
+    parse_time_sampling,
     partial_state,
     sample_event_times,
     stratified_times,
@@ -55,7 +56,7 @@ def test_compute_loss_is_finite_and_seeded():
     assert 0.0 <= logs["masked_token_acc"][0].item() <= 1.0
 
 
-@pytest.mark.parametrize("time_sampling", ["uniform", "early:0.5"])
+@pytest.mark.parametrize("time_sampling", ["uniform", "early:0.5", "early:0.5:0.25"])
 def test_compute_loss_matches_manual_reconstruction(time_sampling):
     """Rebuild FlexMDM's loss from the forward process: (1/(B L)) sum_rows w(t) [sum_masked lambda_um(t) CE
     + insert_weight sum_{allowed gaps} lambda_in(t) D(|G_j|, g_j)], allowed = real gaps not left of prompt/BOS;
@@ -70,7 +71,8 @@ def test_compute_loss_matches_manual_reconstruction(time_sampling):
     if time_sampling == "uniform":
         t, w = stratified_times(B, model.time_eps, generator=g), torch.ones(B)
     else:
-        t, w = training_times(B, model.time_eps, generator=g, early=0.5)
+        early, share = parse_time_sampling(time_sampling)
+        t, w = training_times(B, model.time_eps, generator=g, early=early, share=share)
         assert (w - 1).abs().min() > 1e-3  # every row carries a weight other than 1
     t_in, t_um = sample_event_times(z1.shape, model.insertion, model.unmasking, generator=g)
     st = partial_state(z1, fixed, attn, t, t_in, t_um, MASK, PAD)

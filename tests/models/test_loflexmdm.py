@@ -30,6 +30,7 @@ from insertion_diffusion.order.kumaraswamy import KumaraswamyClock, schedule_reg
 from insertion_diffusion.process.insertion import (
     DELETED,
     MASKED,
+    parse_time_sampling,
     partial_state,
     sample_event_times,
     stratified_times,
@@ -267,6 +268,7 @@ def test_unit_rates_cost_no_regulariser_with_an_empty_target_row(monkeypatch):
 @pytest.mark.parametrize(("learn_b_um", "reg_frame", "time_sampling"), [
     (False, "relative", "uniform"), (True, "relative", "uniform"), (False, "absolute", "uniform"),
     (False, "relative", "early:0.5"),
+    (True, "relative", "early:0.5:0.25"),
 ])
 def test_compute_loss_matches_manual_reconstruction(learn_b_um, reg_frame, time_sampling):
     """J = (L1 + L2)/2 + sg(L1 - L2)(log p1 - log p2)/2 + sum_k w_k R_k, rebuilt from the same RNG stream.
@@ -287,7 +289,8 @@ def test_compute_loss_matches_manual_reconstruction(learn_b_um, reg_frame, time_
         if time_sampling == "uniform":
             t, w = stratified_times(B, lo.time_eps, generator=g), torch.ones(B)
         else:
-            t, w = training_times(B, lo.time_eps, generator=g, early=0.5)
+            early, share = parse_time_sampling(time_sampling)
+            t, w = training_times(B, lo.time_eps, generator=g, early=early, share=share)
             assert (w - 1).abs().min() > 1e-3
         b_in, b_um = lo.order_rates(b, t)
         assert b_in.std() > 0  # per-token rates

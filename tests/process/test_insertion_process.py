@@ -396,22 +396,23 @@ def test_uniform_training_times_are_the_stratified_times_with_unit_weights():
     assert torch.equal(w, torch.ones(16))
 
 
-def test_early_training_times_are_importance_weighted():
-    """Under early:p the weighted mean of f(t) estimates the integral of f over (0, 1), as uniform times do, while
-    about half the rows sit where the inserted share t^p is uniform (uniform times never reach t^p < 0.1)."""
+@pytest.mark.parametrize("share", [0.5, 0.125])
+def test_early_training_times_are_importance_weighted(share):
+    """Under early:p:share the weighted mean of f(t) estimates the integral of f over (0, 1), as uniform times do,
+    while a share of the rows sits where the inserted share t^p is uniform (uniform times never reach t^p < 0.1)."""
     p, B = 0.25, 40_000
-    t, w = training_times(B, 1e-3, generator=torch.Generator().manual_seed(0), early=p)
+    t, w = training_times(B, 1e-3, generator=torch.Generator().manual_seed(0), early=p, share=share)
     t64, w64 = t.double(), w.double()
-    assert bool((w > 0).all()) and float(w.max()) <= 1.0 / (0.5 + 0.5 * p) + 1e-6
+    assert bool((w > 0).all()) and float(w.max()) <= 1.0 / ((1 - share) + share * p) + 1e-6
     for f, integral in ((lambda x: torch.ones_like(x), 1.0), (lambda x: x, 0.5), (lambda x: x**2, 1 / 3),
                         (lambda x: x ** -0.5, 2.0)):
         assert float((w64 * f(t64)).mean()) == pytest.approx(integral, rel=0.03)
     early_share = float((t64**p < 0.1).double().mean())
-    assert 0.04 < early_share < 0.06  # half the rows x P(u < 0.1)
+    assert early_share == pytest.approx(share * 0.1, rel=0.15)  # share of the rows x P(u < 0.1)
     u, _ = training_times(B, 1e-3, generator=torch.Generator().manual_seed(0))
     assert float((u.double() ** p < 0.1).double().mean()) == 0.0
-    # The weight is the inverse mixture density 1/2 + (p/2) t^(p-1).
-    torch.testing.assert_close(w64, 1.0 / (0.5 + 0.5 * p * t64 ** (p - 1.0)), rtol=1e-5, atol=0)
+    # The weight is the inverse mixture density (1 - share) + share p t^(p-1).
+    torch.testing.assert_close(w64, 1.0 / ((1 - share) + share * p * t64 ** (p - 1.0)), rtol=1e-5, atol=0)
 
 
 def test_early_training_times_follow_the_row_ids():
@@ -424,12 +425,14 @@ def test_early_training_times_follow_the_row_ids():
     assert (w_all != 1).all()
 
 
-@pytest.mark.parametrize(("spec", "expected"), [("uniform", None), ("early:0.25", 0.25), ("early:0.5", 0.5)])
+@pytest.mark.parametrize(("spec", "expected"), [("uniform", None), ("early:0.25", (0.25, 0.5)),
+                                                ("early:0.5", (0.5, 0.5)), ("early:0.25:0.125", (0.25, 0.125))])
 def test_parse_time_sampling(spec, expected):
     assert parse_time_sampling(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["late", "early:1", "early:0", "early:-0.5", "early:abc", "Early:0.25"])
+@pytest.mark.parametrize("spec", ["late", "early:1", "early:0", "early:-0.5", "early:abc", "Early:0.25", "early:0.25:0",
+                                  "early:0.25:1", "early:0.25:x", "early:0.25:0.1:2", "early:0.25:"])
 def test_parse_time_sampling_refuses_with_the_key(spec):
     with pytest.raises(ValueError, match=r"model\.time_sampling=.*(allowed values: uniform, early:<p>|in \(0, 1\))"):
         parse_time_sampling(spec)
