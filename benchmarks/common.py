@@ -25,6 +25,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from insertion_diffusion.callbacks.guards import newest_resume_checkpoint, stop_report
 from insertion_diffusion.data.corpus import atomic_write
+from insertion_diffusion.models.base import parse_lr_schedule
+from insertion_diffusion.process.insertion import parse_time_sampling
+from insertion_diffusion.schedules import make_schedule
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
@@ -173,17 +176,32 @@ def init_generator(model: torch.nn.Module, checkpoint: str) -> int:
     return len(keep)
 
 
+def checked_by(parse: Callable[[str, str], object], flag: str) -> Callable[[str], str]:
+    """An argparse ``type`` that runs the package's own parser of a setting on the flag's text and keeps the text:
+    a bad value is refused while the command line is read (``argument <flag>: <the parser's message>``), before
+    any data is loaded or a model is built, with the same wording and allowed values the config key has."""
+    def check(text: str) -> str:
+        try:
+            parse(text, flag)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return text
+
+    check.__name__ = flag.lstrip("-").replace("-", "_")  # argparse names the type in some messages
+    return check
+
+
 def add_recipe_arguments(ap: argparse.ArgumentParser) -> None:
     """The training-recipe options the star and molecule training scripts share (same names, defaults and help)."""
     ap.add_argument("--conv-kernel", type=int, default=0,
                     help="depthwise convolution width before every block (0: none; causal for ARM)")
-    ap.add_argument("--lr-schedule", default="constant",
+    ap.add_argument("--lr-schedule", default="constant", type=checked_by(parse_lr_schedule, "--lr-schedule"),
                     help="constant | cosine | wsd[:fraction] (after warm-up; the decaying ones need --max-steps)")
-    ap.add_argument("--insertion-schedule", default="linear",
+    ap.add_argument("--insertion-schedule", default="linear", type=checked_by(make_schedule, "--insertion-schedule"),
                     help="FlexMDM insertion-time CDF: linear | cosine | poly:<p> (p < 1 inserts early)")
     ap.add_argument("--integrate-hazard", action="store_true",
                     help="sampler: exact per-step hazard integrals (needed by early-insertion schedules, poly:<p<1>)")
-    ap.add_argument("--time-sampling", default="uniform",
+    ap.add_argument("--time-sampling", default="uniform", type=checked_by(parse_time_sampling, "--time-sampling"),
                     help="FlexMDM/LoFlexMDM training times: uniform | early:<p>[:<share>] (half the rows, or that share, at "
                          "u^(1/p), importance-weighted; shows the nearly empty states that early insertion, poly:<p> or --shape-a p, starts from)")
     ap.add_argument("--order-lr", type=float, default=None, help="LoFlexMDM order-network learning rate")

@@ -31,10 +31,10 @@ LR_SCHEDULES = ("constant", "cosine", "wsd", "wsd:<fraction>")
 LENGTH_KEYS = ("length_generated", "length_reference")
 
 
-def parse_lr_schedule(name: str) -> tuple[str, float]:
+def parse_lr_schedule(name: str, key: str = "model.lr_schedule") -> tuple[str, float]:
     """``(kind, decay_fraction)`` of an ``lr_schedule`` setting; ``wsd`` decays over the last 20 % by default.
 
-    Raises ``ValueError`` naming ``model.lr_schedule`` and the allowed values for anything else.
+    Raises ``ValueError`` naming ``key`` and the allowed values for anything else.
     """
     kind, _, arg = str(name).partition(":")
     if kind in ("constant", "cosine") and not arg:
@@ -47,7 +47,7 @@ def parse_lr_schedule(name: str) -> tuple[str, float]:
         if 0.0 < frac <= 1.0:
             return kind, frac
     raise ValueError(
-        f"model.lr_schedule={name!r}; allowed values: {', '.join(LR_SCHEDULES)} (fraction in (0, 1], e.g. wsd:0.25)"
+        f"{key}={name!r}; allowed values: {', '.join(LR_SCHEDULES)} (fraction in (0, 1], e.g. wsd:0.25)"
     )
 
 

@@ -238,21 +238,34 @@ def test_config_errors_print_one_line_and_exit_2(capsys):
         raise KeyError("x")
 
 
-def test_train_molecules_reports_a_bad_time_sampling_in_one_line(tmp_path, monkeypatch, capsys):
+def test_train_molecules_reports_a_bad_model_setting_in_one_line(tmp_path, monkeypatch, capsys):
     """The model refuses the value while the script builds it; the user sees the key and the rule, no traceback."""
     import train_molecules
 
     monkeypatch.chdir(tmp_path)  # the script caches the cleaned corpus under ./data_cache
-    monkeypatch.setattr(sys, "argv", ["train_molecules.py", "--method", "flexmdm", "--source", "nci", "--num-samples",
-                                      "50", "--insertion-schedule", "poly:0.25", "--integrate-hazard", "--time-sampling",
-                                      "early:0.25:2", "--max-steps", "1", "--out", str(tmp_path / "run")])
+    monkeypatch.setattr(sys, "argv", ["train_molecules.py", "--method", "loflexmdm", "--source", "nci", "--num-samples",
+                                      "50", "--shape-a", "-1", "--max-steps", "1", "--out", str(tmp_path / "run")])
     with pytest.raises(SystemExit) as exc:
         train_molecules.main()
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("train_molecules.py: error: model.time_sampling='early:0.25:2': the share of early:<p>:<share> "
-                       "(the fraction of rows drawn early) must be a number in (0, 1), e.g. early:0.25:0.125")
+    assert err[-1] == "train_molecules.py: error: model.a must be > 0, got -1.0"
     assert not any(line.startswith("Traceback") for line in err)
+
+
+def test_train_molecules_refuses_a_bad_time_sampling_before_loading_data(tmp_path, monkeypatch, capsys):
+    import train_molecules
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train_molecules.py", "--method", "flexmdm", "--source", "nci",
+                                      "--time-sampling", "early:0.25:2", "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as exc:
+        train_molecules.main()
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "train_molecules.py: error: argument --time-sampling: --time-sampling='early:0.25:2': the share of "
+        "early:<p>:<share> (the fraction of rows drawn early) must be a number in (0, 1), e.g. early:0.25:0.125")
+    assert sorted(os.listdir(tmp_path)) == []  # no corpus cache, no run directory
 
 
 def test_json_is_written_whole_and_leaves_no_temporary_file(tmp_path):
@@ -313,3 +326,34 @@ def test_read_molecule_run_refuses_a_directory_without_run_files(tmp_path):
     assert read_molecule_run(str(tmp_path)) == {"method": "flexmdm"}
     (tmp_path / "args.json").write_text('{"method": "loflexmdm"}')
     assert read_molecule_run(str(tmp_path)) == {"method": "loflexmdm"}  # args.json first
+
+
+@pytest.mark.parametrize("script", ["train_star", "train_molecules"])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ("--time-sampling early:2", "argument --time-sampling: --time-sampling='early:2': the exponent of early:<p> must be"),
+        ("--time-sampling early:0.25:1.5", "--time-sampling='early:0.25:1.5': the share of early:<p>:<share>"),
+        ("--time-sampling late", "--time-sampling='late'; allowed values: uniform"),
+        ("--insertion-schedule poly:x", "argument --insertion-schedule: --insertion-schedule="),
+        ("--lr-schedule wsd:2", "argument --lr-schedule: --lr-schedule='wsd:2'; allowed values: constant"),
+    ],
+)
+def test_training_scripts_refuse_a_bad_recipe_setting_while_reading_the_command_line(script, argv, message, capsys):
+    # Refused by argparse itself, so before the DataModule loads a corpus or a model is built (the scripts call
+    # build_parser().parse_args() first thing); the message is the package's own, naming the flag.
+    ap = __import__(script).build_parser()
+    with pytest.raises(SystemExit) as exc:
+        ap.parse_args(argv.split())
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1]  # argparse's usage lines, then the one error line
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("script", ["train_star", "train_molecules"])
+def test_training_scripts_accept_every_documented_recipe_form(script):
+    ap = __import__(script).build_parser()
+    args = ap.parse_args(["--time-sampling", "early:0.25:0.125", "--insertion-schedule", "poly:0.25", "--lr-schedule", "wsd:0.5"])
+    assert (args.time_sampling, args.insertion_schedule, args.lr_schedule) == ("early:0.25:0.125", "poly:0.25", "wsd:0.5")
+    assert ap.parse_args([]).time_sampling == "uniform"
