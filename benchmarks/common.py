@@ -187,7 +187,6 @@ def checked_by(parse: Callable[[str, str], object], flag: str) -> Callable[[str]
             raise argparse.ArgumentTypeError(str(err)) from None
         return text
 
-    check.__name__ = flag.lstrip("-").replace("-", "_")  # argparse names the type in some messages
     return check
 
 
